@@ -1,0 +1,156 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+import xcit
+from xcit.weights import WeightsError, official_to_timm, strip_prefixes, timm_to_official
+
+from .conftest import perturb_
+
+KW = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10)
+NAME = "xcit_nano_12_p16_224"
+
+
+@pytest.fixture
+def model():
+    return perturb_(xcit.create_model(NAME, **KW)).eval()
+
+
+def _logits(m, x=None):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) if x is None else x
+    with torch.no_grad():
+        return m.eval()(x)
+
+
+def test_official_layout_round_trip(model):
+    sd = model.state_dict()
+    off = timm_to_official(sd)
+    assert not any(".attn.q." in k for k in off if k.startswith("cls_attn"))
+    back = official_to_timm(off)
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+
+
+@pytest.mark.parametrize("wrap", ["module.", "model.", "module.model."])
+def test_prefixes_and_wrappers_are_stripped(model, tmp_path, wrap):
+    sd = {wrap + k: v for k, v in model.state_dict().items()}
+    torch.save({"model": sd, "epoch": 3}, tmp_path / "w.pth")
+    m = xcit.create_model(NAME, pretrained=tmp_path / "w.pth", **{k: v for k, v in KW.items() if k != "num_classes"})
+    assert m.num_classes == 10
+    torch.testing.assert_close(_logits(m), _logits(model))
+
+
+def test_safetensors_timm_and_convert_cli(model, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from xcit.cli import main
+
+    save_file(model.state_dict(), str(tmp_path / "timm.safetensors"))
+    torch.save(timm_to_official(model.state_dict()), tmp_path / "official.pth")
+    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "ours.safetensors"), "--model", NAME]) == 0
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["arch"] == NAME and meta["flavour"] == "official" and meta["format"] == "xcit"
+    cfg = {k: v for k, v in KW.items() if k != "num_classes"}
+    for f in ("timm.safetensors", "ours.safetensors"):
+        m = xcit.create_model(NAME, pretrained=tmp_path / f, **cfg)
+        torch.testing.assert_close(_logits(m), _logits(model), rtol=0, atol=0)
+
+
+def test_strict_report_and_head_drop(model, tmp_path):
+    sd = model.state_dict()
+    sd.pop("blocks.0.gamma1")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    fresh = xcit.create_model(NAME, **KW)
+    with pytest.raises(WeightsError) as e:
+        xcit.load_weights(fresh, tmp_path / "bad.pth")
+    assert "missing (1): blocks.0.gamma1" in str(e.value) and "unexpected (1): extra.weight" in str(e.value)
+    # a different classifier size: an error unless asked, then the head is dropped with a notice
+    torch.save(model.state_dict(), tmp_path / "ok.pth")
+    cfg = {k: v for k, v in KW.items() if k != "num_classes"}
+    with pytest.raises(WeightsError, match="classifier size differs"):
+        xcit.load_weights(xcit.create_model(NAME, num_classes=5, **cfg), tmp_path / "ok.pth")
+    m = xcit.create_model(NAME, pretrained=tmp_path / "ok.pth", num_classes=5, **cfg)
+    assert m.head.weight.shape == (5, 32)
+    torch.testing.assert_close(m.blocks[1].mlp.fc1.weight, model.blocks[1].mlp.fc1.weight)
+
+
+def test_training_checkpoint_ema_and_classes(model, tmp_path):
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    ckpt = {"model": model.state_dict(), "ema": ema, "arch": NAME, "flavour": "official", "classes": list("abcdefghij")}
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    cfg = {k: v for k, v in KW.items() if k != "num_classes"}
+    m = xcit.create_model(NAME, pretrained=tmp_path / "ckpt.pth", **cfg)
+    assert m.class_names == list("abcdefghij")
+    torch.testing.assert_close(m.head.bias, model.head.bias)
+    e = xcit.create_model(NAME, pretrained=tmp_path / "ckpt.pth", use_ema=True, **cfg)
+    torch.testing.assert_close(e.head.bias, model.head.bias + 1)
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    target = tmp_path / "pwned.txt"
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": _Evil(str(target))}, f)
+    torch.save({"x": _Evil(str(target))}, tmp_path / "evil_zip.pth", _use_new_zipfile_serialization=True)
+    for name in ("evil.pth", "evil_zip.pth"):
+        with pytest.raises(WeightsError, match="refused") as e:
+            xcit.read_weights(tmp_path / name)
+        assert name in str(e.value)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".ckpt"])
+def test_truncated_and_garbage_files_name_the_file(model, tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    full = tmp_path / f"full{suffix}"
+    if suffix == ".safetensors":
+        save_file(model.state_dict(), str(full))
+    elif suffix == ".ckpt":
+        pytest.importorskip("google.protobuf")
+        from xcit.mindspore_ckpt import timm_to_mindcv, write_mindspore_ckpt
+
+        write_mindspore_ckpt(full, timm_to_mindcv(model.state_dict()))
+    else:
+        torch.save(model.state_dict(), full)
+    data = full.read_bytes()
+    for i, blob in enumerate([data[: len(data) // 2], data[:7], os.urandom(300)]):
+        bad = tmp_path / f"bad{i}{suffix}"
+        bad.write_bytes(blob)
+        with pytest.raises(WeightsError) as e:
+            xcit.read_weights(bad)
+        assert str(bad) in str(e.value)
+    (tmp_path / f"empty{suffix}").write_bytes(b"")
+    with pytest.raises(WeightsError, match="empty"):
+        xcit.read_weights(tmp_path / f"empty{suffix}")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        xcit.read_weights(tmp_path / f"nope{suffix}")
+
+
+def test_strip_prefixes_only_when_shared():
+    sd = {"model.a": torch.zeros(1), "head.b": torch.zeros(1)}
+    assert strip_prefixes(sd).keys() == sd.keys()
+
+
+def test_models_command_json(capsys):
+    from xcit.cli import main
+
+    assert main(["models", "--json", "tiny_12_p16"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["xcit_tiny_12_p16_224", "xcit_tiny_12_p16_384"]
+    assert rows[0]["params_m"] == pytest.approx(6.72, abs=0.01)
+    assert rows[0]["gmacs"] == pytest.approx(1.24, abs=0.03)

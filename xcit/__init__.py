@@ -1,0 +1,22 @@
+"""xcit: train, validate and use XCiT (Cross-Covariance Image Transformers) in PyTorch."""
+
+from .model import XCiT, XCiTConfig, XCiTPyramid
+from .variants import VARIANTS, create_model, get_config, list_models
+from .weights import WeightsError, convert, load_weights, read_weights, save_safetensors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VARIANTS",
+    "WeightsError",
+    "XCiT",
+    "XCiTConfig",
+    "XCiTPyramid",
+    "convert",
+    "create_model",
+    "get_config",
+    "list_models",
+    "load_weights",
+    "read_weights",
+    "save_safetensors",
+]

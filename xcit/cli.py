@@ -1,0 +1,54 @@
+"""The ``xcit`` command: ``xcit <command> [options]``. Each command lives in its own module with a ``main(argv)``."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("xcit.commands.models", "list the model variants with params, GMACs and resolution"),
+    "train": ("xcit.commands.train", "train (MindCV-style YAML + flags; no data_dir runs the built-in demo)"),
+    "validate": ("xcit.commands.validate", "top-1/top-5 validation of a checkpoint"),
+    "predict": ("xcit.commands.predict", "top-k predictions for images or folders"),
+    "attention": ("xcit.commands.attention", "class-attention and channel-attention maps as PNG overlays"),
+    "convert": ("xcit.commands.convert", "convert weights between official, timm, MindCV and safetensors"),
+    "export": ("xcit.commands.export", "export to ONNX, TorchScript or torch.export"),
+    "benchmark": ("xcit.commands.benchmark", "throughput, memory and GMACs, optionally against timm"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: xcit <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `xcit <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"xcit: unknown command {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""), file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        if e.name == COMMANDS[name][0]:
+            print(f"xcit: the {name!r} command is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``xcit`` command, each exposing ``main(argv) -> int``."""

@@ -1,0 +1,559 @@
+"""XCiT: Cross-Covariance Image Transformer, in pure PyTorch.
+
+Reference: El-Nouby et al., "XCiT: Cross-Covariance Image Transformers", NeurIPS 2021 (arXiv 2106.09681), and
+the official release (github.com/facebookresearch/xcit). The parameter layout follows timm's port, so timm
+state dicts load directly; official and MindCV files are converted in :mod:`xcit.weights`.
+
+The file reads in the order the network runs: patch embedding, Fourier positional encoding, XCA, LPI, the XCA
+block, class attention, then the model. Variants live in :mod:`xcit.variants`.
+
+Two numerics flavours exist:
+
+* ``"official"``: the paper and the official weights (q/k L2-normalised over tokens, exact erf GELU).
+* ``"mindcv"``: MindCV's port, which skips the q/k normalisation and uses MindSpore's default tanh GELU.
+  MindCV-trained checkpoints only reproduce MindCV's predictions under this flavour.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Flavour = Literal["official", "mindcv"]
+FLAVOURS: tuple[str, ...] = ("official", "mindcv")
+
+
+@dataclass(frozen=True)
+class XCiTConfig:
+    """Architecture of one XCiT model. Variants are instances of this (see :mod:`xcit.variants`)."""
+
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 4
+    patch_size: int = 16
+    img_size: int = 224  # default (training) resolution; any multiple of patch_size runs
+    mlp_ratio: float = 4.0
+    eta: float = 1.0  # LayerScale init: 1.0 for depth 12, 1e-5 for depth 24 (paper sec. 4.1)
+    tokens_norm: bool = True  # False only for nano
+    cls_attn_layers: int = 2
+    num_classes: int = 1000
+    in_chans: int = 3
+    drop_rate: float = 0.0  # dropout before the head
+    drop_path_rate: float = 0.0  # constant across blocks, not a linear ramp (official xcit.py)
+    flavour: str = "official"
+
+    def __post_init__(self) -> None:
+        if self.patch_size not in (8, 16):
+            raise ValueError(f"patch_size must be 8 or 16 (conv patch embedding), got {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.embed_dim % 8:
+            raise ValueError(f"embed_dim must be a multiple of 8 for the conv patch embedding, got {self.embed_dim}")
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
+
+
+def _gelu(flavour: str) -> nn.GELU:
+    # MindSpore's nn.GELU defaults to approximate=True (tanh); the official code uses exact erf GELU.
+    return nn.GELU(approximate="tanh" if flavour == "mindcv" else "none")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016), as in the official code via timm."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Patch embedding and positional encoding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _conv_bn(in_ch: int, out_ch: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_ch))
+
+
+class ConvPatchEmbed(nn.Module):
+    """Stack of stride-2 3x3 conv + BN with GELU between (none after the last): p16 has 4 stages, p8 has 3.
+
+    Key layout ``proj.{0,2,4,6}.{0: conv, 1: bn}`` matches the official and timm checkpoints.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, flavour: str = "official") -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        n = int(math.log2(patch_size))  # 4 stages for p16, 3 for p8
+        widths = [in_chans] + [embed_dim // 2 ** (n - 1 - i) for i in range(n)]
+        layers: list[nn.Module] = []
+        for i in range(n):
+            if i:
+                layers.append(_gelu(flavour))
+            layers.append(_conv_bn(widths[i], widths[i + 1]))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) image -> (B, D, H/p, W/p) grid."""
+        return self.proj(x)
+
+
+class PositionalEncodingFourier(nn.Module):
+    """Fourier features of the (y, x) patch position projected to D by a 1x1 conv (official xcit.py).
+
+    Recomputed from the grid size at every call, so any resolution works without interpolation.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int = 32, temperature: float = 10000.0) -> None:
+        super().__init__()
+        self.token_projection = nn.Conv2d(hidden_dim * 2, dim, kernel_size=1)
+        self.hidden_dim = hidden_dim
+        self.temperature = temperature
+        self.scale = 2 * math.pi
+        self.eps = 1e-6
+
+    def features(self, H: int, W: int, device: torch.device) -> torch.Tensor:
+        """The (1, 2*hidden_dim, H, W) Fourier features, in fp32."""
+        y = torch.arange(1, H + 1, device=device, dtype=torch.float32)
+        x = torch.arange(1, W + 1, device=device, dtype=torch.float32)
+        y = y / (y[-1:] + self.eps) * self.scale
+        x = x / (x[-1:] + self.eps) * self.scale
+        i = torch.arange(self.hidden_dim, device=device, dtype=torch.float32)
+        dim_t = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.hidden_dim)
+        py, px = y[:, None] / dim_t, x[:, None] / dim_t  # (H, hd), (W, hd)
+        # sin of even channels interleaved with cos of odd channels
+        py = torch.stack([py[:, 0::2].sin(), py[:, 1::2].cos()], dim=2).flatten(1)
+        px = torch.stack([px[:, 0::2].sin(), px[:, 1::2].cos()], dim=2).flatten(1)
+        pos = torch.cat([py[:, None, :].expand(H, W, -1), px[None, :, :].expand(H, W, -1)], dim=2)
+        return pos.permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, H: int, W: int) -> torch.Tensor:
+        """(1, H*W, D) positional tokens."""
+        w = self.token_projection.weight
+        pos = self.features(H, W, w.device).to(w.dtype).flatten(2).transpose(1, 2)  # (1, HW, 2hd)
+        return F.linear(pos, w.flatten(1), self.token_projection.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# XCA block
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class XCA(nn.Module):
+    """Cross-covariance attention (paper sec. 3.1): a softmax over the (d_h x d_h) channel map ``q^T k``.
+
+    Tokens stay in (B, N, C) layout throughout. The L2 normalisation of q and k over tokens is applied to the small
+    (d_h x d_h) Gram matrix instead of to q and k (``q^T k / (|q| |k|)`` is the same value), computed in fp32 so that
+    fp16/bf16 never divide by an underflowed norm. Cost is linear in N.
+    """
+
+    def __init__(self, dim: int, num_heads: int, flavour: str = "official") -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qk_norm = flavour != "mindcv"  # MindCV's port does not normalise q and k
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the (B, h, d, d) channel attention (fp32) and v as (B, N, h, d)."""
+        B, N, C = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).view(B, N, 3, h, C // h).unbind(2)  # each (B, N, h, d)
+        qt, kt = q.permute(0, 2, 3, 1), k.permute(0, 2, 1, 3)  # (B, h, d, N), (B, h, N, d): views, no copies
+        if self.qk_norm:
+            # official: F.normalize(q, dim=-1) with eps 1e-12, folded onto the Gram matrix
+            qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float32).clamp_min(1e-12)  # (B, h, d)
+            kn = torch.linalg.vector_norm(k, dim=1, dtype=torch.float32).clamp_min(1e-12)
+            if x.dtype == torch.float16:  # fp16 Gram entries can overflow before normalisation: normalise first
+                # (1 / 1e-12 is inf in fp16, so scale in fp32; unit vectors then fit fp16)
+                qt = (qt.float() / qn.unsqueeze(-1)).to(x.dtype)
+                kt = (kt.float() / kn.unsqueeze(-2)).to(x.dtype)
+                attn = (qt @ kt).float()
+            else:
+                attn = (qt @ kt).float() / (qn.unsqueeze(-1) * kn.unsqueeze(-2))
+        else:
+            attn = (qt @ kt).float()
+        attn = (attn * self.temperature.float()).softmax(dim=-1)
+        return attn, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        attn, v = self.attention(x)
+        # out[b, n, h, i] = sum_j attn[b, h, i, j] v[b, n, h, j]
+        out = v.transpose(1, 2) @ attn.to(v.dtype).transpose(-1, -2)  # (B, h, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class LPI(nn.Module):
+    """Local patch interaction (paper sec. 3.2): depthwise 3x3 conv -> GELU -> BN -> depthwise 3x3 conv."""
+
+    def __init__(self, dim: int, flavour: str = "official") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.act = _gelu(flavour)
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        # (B, N, C) is already NHWC in memory: view it as a channels_last NCHW tensor, no copy
+        x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)
+        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        return x.permute(0, 2, 3, 1).reshape(B, N, C)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, flavour: str = "official") -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = _gelu(flavour)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class XCABlock(nn.Module):
+    """XCA -> LPI -> MLP, each residual with a LayerScale. Naming trap: norm3/gamma3 are LPI's, which runs second."""
+
+    def __init__(self, cfg: XCiTConfig) -> None:
+        super().__init__()
+        D = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(D, eps=1e-6)
+        self.attn = XCA(D, cfg.num_heads, cfg.flavour)
+        self.norm3 = nn.LayerNorm(D, eps=1e-6)
+        self.local_mp = LPI(D, cfg.flavour)
+        self.norm2 = nn.LayerNorm(D, eps=1e-6)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.flavour)
+        self.drop_path = DropPath(cfg.drop_path_rate)
+        self.gamma1 = nn.Parameter(cfg.eta * torch.ones(D))
+        self.gamma3 = nn.Parameter(cfg.eta * torch.ones(D))
+        self.gamma2 = nn.Parameter(cfg.eta * torch.ones(D))
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), H, W))
+        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Class attention (CaiT, Touvron et al. 2021), as used by XCiT
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ClassAttn(nn.Module):
+    """Attention with the class token as the only query; keys and values are all N+1 tokens."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x[:, :1]).view(B, 1, h, C // h).transpose(1, 2)  # (B, h, 1, d)
+        k = self.k(x).view(B, N, h, C // h).transpose(1, 2)
+        v = self.v(x).view(B, N, h, C // h).transpose(1, 2)
+        if return_attention:
+            attn = ((q.float() * (C // h) ** -0.5) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (B, h, 1, N)
+            out = attn.to(v.dtype) @ v
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v)  # scale d_h ** -0.5
+        return self.proj(out.transpose(1, 2).reshape(B, 1, C)), attn
+
+
+class ClassAttentionBlock(nn.Module):
+    def __init__(self, cfg: XCiTConfig) -> None:
+        super().__init__()
+        D = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(D, eps=1e-6)
+        self.attn = ClassAttn(D, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(D, eps=1e-6)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.flavour)
+        self.gamma1 = nn.Parameter(cfg.eta * torch.ones(D))
+        self.gamma2 = nn.Parameter(cfg.eta * torch.ones(D))
+        self.tokens_norm = cfg.tokens_norm
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_norm = self.norm1(x)
+        cls, attn = self.attn(x_norm, return_attention)
+        # official quirk kept for weight parity: patch tokens get gamma1 * norm1(x) added, not left untouched
+        x = x + self.gamma1 * torch.cat([cls, x_norm[:, 1:]], dim=1)
+        if self.tokens_norm:
+            x = self.norm2(x)
+        else:
+            x = torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
+        # official quirk: x_res + cat(mlp(cls), x[:, 1:]) doubles the patch tokens
+        x = x + torch.cat([self.gamma2 * self.mlp(x[:, :1]), x[:, 1:]], dim=1)
+        return x, attn
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class XCiT(nn.Module):
+    """Cross-covariance image transformer.
+
+    ``forward(x)`` gives logits. ``forward(x, return_attention=True)`` gives ``(logits, attn)`` with ``attn`` the
+    last class-attention block's cls->patch weights, shape (B, heads, H/p, W/p).
+    """
+
+    def __init__(self, cfg: XCiTConfig, name: str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.name = name
+        self.class_names: list[str] | None = None  # set when loaded from a checkpoint that records them
+        D = cfg.embed_dim
+        self.num_features = D
+        self.num_classes = cfg.num_classes
+        self.patch_size = cfg.patch_size
+        self.grad_checkpointing = False
+        self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.in_chans, D, cfg.flavour)
+        self.pos_embed = PositionalEncodingFourier(D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.blocks = nn.ModuleList([XCABlock(cfg) for _ in range(cfg.depth)])
+        self.cls_attn_blocks = nn.ModuleList([ClassAttentionBlock(cfg) for _ in range(cfg.cls_attn_layers)])
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # -- construction ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """trunc_normal(std .02) for Linear weights and cls_token, zero Linear biases (official xcit.py)."""
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def set_flavour(self, flavour: str) -> None:
+        """Switch numerics in place: ``"official"`` or ``"mindcv"`` (no q/k norm, tanh GELU)."""
+        self.cfg = replace(self.cfg, flavour=flavour)
+        for m in self.modules():
+            if isinstance(m, XCA):
+                m.qk_norm = flavour != "mindcv"
+            elif isinstance(m, nn.GELU):
+                m.approximate = "tanh" if flavour == "mindcv" else "none"
+
+    @property
+    def flavour(self) -> str:
+        return self.cfg.flavour
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one for ``num_classes`` (0 gives pooled features)."""
+        self.num_classes = num_classes
+        self.cfg = replace(self.cfg, num_classes=num_classes)
+        w = self.cls_token
+        self.head = (
+            nn.Linear(self.num_features, num_classes).to(w.device, w.dtype) if num_classes > 0 else nn.Identity()
+        )
+        if isinstance(self.head, nn.Linear):
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward to save memory."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the official recipe exempts from weight decay (besides all 1-D params)."""
+        return {"cls_token"}
+
+    # -- forward pieces ----------------------------------------------------------------------------------------------
+
+    def check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """Grid size for an input, or a ValueError naming the valid sizes."""
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
+            raise ValueError(f"expected a (B, {self.cfg.in_chans}, H, W) image batch, got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p or H == 0 or W == 0:
+
+            def near(s: int) -> str:
+                lo = max(p, s // p * p)
+                return f"{lo} or {lo + p}" if lo != s else str(s)
+
+            raise ValueError(
+                f"input size {H}x{W} is not a multiple of the patch size {p}; valid sizes are multiples of {p}, "
+                f"e.g. {near(H)} for height and {near(W)} for width"
+            )
+        return H // p, W // p
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Image -> (B, N, D) tokens with positional encoding, and the grid (Hp, Wp)."""
+        Hp, Wp = self.check_input(x)
+        x = self.patch_embed(x)
+        x = x.flatten(2).transpose(1, 2)
+        return x + self.pos_embed(Hp, Wp).to(x.dtype), Hp, Wp
+
+    def _run_block(self, blk: XCABlock, x: torch.Tensor, Hp: int, Wp: int) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            return checkpoint(blk, x, Hp, Wp, use_reentrant=False)
+        return blk(x, Hp, Wp)
+
+    def forward_cls(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prepend the class token and run the class-attention blocks. Returns tokens and last cls attention."""
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        attn = None
+        for i, blk in enumerate(self.cls_attn_blocks):
+            want = return_attention and i == len(self.cls_attn_blocks) - 1
+            x, attn = blk(x, want)
+        return x, attn
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normalised (B, 1 + N, D) tokens, class token first."""
+        x, Hp, Wp = self.embed(x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x, Hp, Wp)
+        x, _ = self.forward_cls(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Class token -> logits (or the pooled features if ``pre_logits``)."""
+        x = self.head_drop(x[:, 0])
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if not return_attention:
+            return self.forward_head(self.forward_features(x))
+        x, Hp, Wp = self.embed(x)
+        for blk in self.blocks:
+            x = self._run_block(blk, x, Hp, Wp)
+        x, attn = self.forward_cls(x, return_attention=True)
+        logits = self.forward_head(self.norm(x))
+        return logits, attn[:, :, 0, 1:].reshape(x.shape[0], -1, Hp, Wp)
+
+    def class_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Full attention of the last class-attention block: (B, heads, 1 + N) over [cls, patches], sums to 1."""
+        x, Hp, Wp = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x, Hp, Wp)
+        _, attn = self.forward_cls(x, return_attention=True)
+        return attn[:, :, 0]
+
+    def channel_attention(self, x: torch.Tensor, indices: list[int] | None = None) -> dict[int, torch.Tensor]:
+        """XCA channel-covariance maps (B, heads, d_h, d_h) of the chosen blocks (default: all)."""
+        want = set(range(len(self.blocks)) if indices is None else [i % len(self.blocks) for i in indices])
+        x, Hp, Wp = self.embed(x)
+        maps = {}
+        for i, blk in enumerate(self.blocks):
+            if i in want:
+                maps[i], _ = blk.attn.attention(blk.norm1(x))
+            x = blk(x, Hp, Wp)
+        return maps
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        intermediates_only: bool = False,
+        output_fmt: str = "NCHW",
+    ):
+        """Outputs of chosen XCA blocks as (B, D, H/p, W/p) maps (or (B, N, D) with ``output_fmt="NLC"``).
+
+        ``indices``: None for all blocks, an int n for the last n, or a list of block indices (negative allowed).
+        Returns ``(final_tokens, intermediates)``, or only the list if ``intermediates_only``.
+        """
+        depth = len(self.blocks)
+        if indices is None:
+            take = list(range(depth))
+        elif isinstance(indices, int):
+            take = list(range(depth - indices, depth))
+        else:
+            take = [i % depth for i in indices]
+        if any(i < 0 or i >= depth for i in take):
+            raise ValueError(f"block indices must lie in [0, {depth}), got {indices}")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        x, Hp, Wp = self.embed(x)
+        B = x.shape[0]
+        feats = []
+        last = max(take) if intermediates_only else depth - 1
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            x = self._run_block(blk, x, Hp, Wp)
+            if i in take:
+                y = self.norm(x) if norm else x
+                feats.append(y.transpose(1, 2).reshape(B, -1, Hp, Wp) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return feats
+        x, _ = self.forward_cls(x)
+        return self.norm(x), feats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Multi-scale pyramid for dense tasks (official detection/segmentation backbone)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def default_out_indices(depth: int) -> list[int]:
+    """Blocks tapped by the official dense-task backbone: [3, 5, 7, 11] for depth 12, [7, 11, 15, 23] for 24."""
+    if depth == 12:
+        return [3, 5, 7, 11]
+    if depth == 24:
+        return [7, 11, 15, 23]
+    return [round(depth * f) - 1 for f in (1 / 3, 1 / 2, 2 / 3, 1)]
+
+
+class XCiTPyramid(nn.Module):
+    """Features at strides 4/8/16/32 from four XCA blocks, resampled as in the official detection backbone.
+
+    p16: 2 deconvs (x4), 1 deconv (x2), identity, 2x2 max-pool. p8: deconv (x2), identity, max-pool 2, max-pool 4.
+    ``forward`` returns a dict ``{"0": s4, "1": s8, "2": s16, "3": s32}`` (torchvision's convention).
+    """
+
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, model: XCiT, out_indices: list[int] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.out_indices = out_indices or default_out_indices(len(model.blocks))
+        if len(self.out_indices) != 4:
+            raise ValueError(f"need 4 out_indices, got {self.out_indices}")
+        D = model.num_features
+        self.out_channels = D
+        self.channels = [D] * 4
+
+        def up(n: int) -> nn.Module:
+            layers: list[nn.Module] = [nn.ConvTranspose2d(D, D, 2, 2)]
+            for _ in range(n - 1):
+                layers += [nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2)]
+            return nn.Sequential(*layers)
+
+        if model.patch_size == 16:
+            self.fpn = nn.ModuleList([up(2), up(1), nn.Identity(), nn.MaxPool2d(2, 2)])
+        else:
+            self.fpn = nn.ModuleList([up(1), nn.Identity(), nn.MaxPool2d(2, 2), nn.MaxPool2d(4, 4)])
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
+        return {str(i): f(y) for i, (f, y) in enumerate(zip(self.fpn, feats))}

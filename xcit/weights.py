@@ -1,0 +1,357 @@
+"""Reading, converting and writing XCiT weights.
+
+Every format is first turned into a state dict in this project's layout (which is timm's) by pure functions:
+
+* official release ``.pth``: ``pos_embeder.*`` and a fused class-attention ``qkv`` -> :func:`official_to_timm`
+* timm ``.pth`` / ``.safetensors``: used as is
+* MindCV / MindSpore ``.ckpt`` (protobuf): :func:`xcit.mindspore_ckpt.mindcv_to_timm`, ``mindcv`` numerics flavour
+* this project's training checkpoints (``{"model": ..., "ema": ..., "arch": ..., "flavour": ...}``) and
+  ``.safetensors`` weight files (architecture and flavour in the metadata)
+
+``.pth`` files are only ever read with ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("xcit")
+
+FORMATS = ("safetensors", "official", "timm", "mindspore")
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be read or does not fit the model. The message names the file."""
+
+
+@dataclass
+class Weights:
+    """A state dict in this project's layout plus what the file says about itself."""
+
+    state_dict: dict[str, torch.Tensor]
+    source_format: str  # "official" | "timm" | "mindcv" | "xcit"
+    flavour: str = "official"
+    arch: str | None = None
+    extra: dict = field(default_factory=dict)  # e.g. class names from a training checkpoint
+
+    @property
+    def num_classes(self) -> int | None:
+        w = self.state_dict.get("head.weight")
+        return None if w is None else int(w.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pure key maps
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (DDP ``module.``, ``model.``, torch.compile ``_orig_mod.``) shared by all keys."""
+    changed = True
+    while changed and sd:
+        changed = False
+        for prefix in ("module.", "model.", "_orig_mod."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def official_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official facebookresearch/xcit layout -> this project's (timm's) layout.
+
+    ``pos_embeder.`` becomes ``pos_embed.`` and each class-attention ``attn.qkv`` (3D, D) splits in q, k, v order.
+    """
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("pos_embeder.", "pos_embed.")
+        if k.startswith("cls_attn_blocks.") and ".attn.qkv." in k:
+            for name, part in zip("qkv", v.chunk(3, dim=0)):
+                out[k.replace(".attn.qkv.", f".attn.{name}.")] = part.clone()
+        else:
+            out[k] = v
+    return out
+
+
+def timm_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`official_to_timm`."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("cls_attn_blocks.") and ".attn.q." in k:
+            parts = [sd[k.replace(".attn.q.", f".attn.{n}.")] for n in "qkv"]
+            out[k.replace(".attn.q.", ".attn.qkv.")] = torch.cat(parts, dim=0)
+        elif k.startswith("cls_attn_blocks.") and (".attn.k." in k or ".attn.v." in k):
+            continue
+        else:
+            out[k.replace("pos_embed.", "pos_embeder.")] = v
+    return out
+
+
+def detect_layout(sd: dict[str, torch.Tensor]) -> str:
+    """``"official"`` if the keys use the official release's names, else ``"timm"``."""
+    if any(k.startswith("pos_embeder.") or (k.startswith("cls_attn_blocks.") and ".attn.qkv." in k) for k in sd):
+        return "official"
+    return "timm"
+
+
+def infer_arch(sd: dict[str, torch.Tensor], img_size: int = 224) -> str | None:
+    """The variant name whose shapes fit a state dict (resolution cannot be read from weights: 224 by default)."""
+    from .variants import VARIANTS
+
+    try:
+        D = sd["cls_token"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        heads = sd["blocks.0.attn.temperature"].shape[0]
+        patch = 16 if "patch_embed.proj.6.0.weight" in sd else 8
+    except (KeyError, ValueError):
+        return None
+    for name, cfg in VARIANTS.items():
+        if (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size) == (
+            D,
+            depth,
+            heads,
+            patch,
+            img_size,
+        ):
+            return name
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all become one clear error
+        text = str(e)
+        if "Weights only load failed" in text or "Unsupported global" in text or "UnpicklingError" in type(e).__name__:
+            raise WeightsError(
+                f"{path}: refused to load. The file contains Python objects beyond tensors and plain containers, "
+                f"which could run code when unpickled (loaded with weights_only=True). If you trust it, re-save its "
+                f"state_dict with torch.save(model.state_dict(), ...)."
+            ) from None
+        raise WeightsError(
+            f"{path}: not a readable PyTorch file ({type(e).__name__}: {text.splitlines()[0][:200]})"
+        ) from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _is_mindspore_ckpt(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch zip archives start with PK, pickles with 0x80; MindSpore's protobuf starts with field 1, wire type 2
+    return path.suffix == ".ckpt" and not head.startswith(b"PK") and head[:1] != b"\x80"
+
+
+def _unwrap(obj: object, path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Find the state dict inside a loaded .pth object; return it and the wrapper's other fields."""
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    extra = {k: v for k, v in obj.items() if not isinstance(v, (dict, torch.Tensor))}
+    if use_ema:
+        for key in ("ema", "model_ema", "state_dict_ema"):
+            if isinstance(obj.get(key), dict) and obj[key]:
+                return obj[key], extra
+        log.warning("%s has no EMA weights; using the model weights", path)
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
+            if "classes" in obj:
+                extra["classes"] = obj["classes"]
+            return obj[key], extra
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise WeightsError(f"{path}: no state dict found (top-level keys: {sorted(obj)[:10]})")
+
+
+def read_weights(path: str | os.PathLike, use_ema: bool = False) -> Weights:
+    """Read any supported weight file into this project's layout. Raises :class:`WeightsError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: file is empty")
+    if path.suffix == ".safetensors":
+        sd, meta = _read_safetensors(path)
+        sd = strip_prefixes(sd)
+        layout = detect_layout(sd)
+        if layout == "official":
+            sd = official_to_timm(sd)
+        extra = {"classes": json.loads(meta["classes"])} if "classes" in meta else {}
+        fmt = "xcit" if meta.get("format") == "xcit" else layout
+        return Weights(sd, fmt, meta.get("flavour", "official"), meta.get("arch"), extra)
+    if _is_mindspore_ckpt(path):
+        from .mindspore_ckpt import mindcv_to_timm, read_mindspore_ckpt
+
+        try:
+            sd = mindcv_to_timm(read_mindspore_ckpt(path), use_ema=use_ema)
+        except WeightsError:
+            raise
+        except (ValueError, KeyError) as e:
+            raise WeightsError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        return Weights(sd, "mindcv", "mindcv")
+    obj = _torch_load(path)
+    sd, extra = _unwrap(obj, path, use_ema)
+    sd = strip_prefixes(sd)
+    layout = detect_layout(sd)
+    if layout == "official":
+        sd = official_to_timm(sd)
+    flavour = extra.get("flavour", "official") if isinstance(extra.get("flavour"), str) else "official"
+    fmt = "xcit" if "arch" in extra else layout
+    return Weights(sd, fmt, flavour, extra.get("arch") if isinstance(extra.get("arch"), str) else None, extra)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading into a model
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _report(path: object, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    lines = [f"{path}: weights do not fit the model."]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            lines.append(f"  {title} ({len(items)}): {shown}")
+    return "\n".join(lines)
+
+
+def load_state_dict_checked(
+    model: torch.nn.Module,
+    sd: dict[str, torch.Tensor],
+    strict: bool = True,
+    drop_head: bool = False,
+    source: object = "state dict",
+) -> tuple[list[str], list[str]]:
+    """``model.load_state_dict`` with a readable report of missing/unexpected keys and shape mismatches.
+
+    With ``drop_head`` a classifier of a different size is skipped (the model keeps its fresh head) with a notice.
+    Returns (missing, unexpected) when not strict.
+    """
+    own = model.state_dict()
+    sd = dict(sd)
+    for k in own:  # BN counters are bookkeeping, not weights: tolerate their absence
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = own[k]
+    head_keys = [k for k in ("head.weight", "head.bias") if k in sd]
+    if drop_head and any(k not in own or own[k].shape != sd[k].shape for k in head_keys):
+        n = sd["head.weight"].shape[0] if "head.weight" in sd else "?"
+        log.warning("%s: dropping the %s-class head; the model keeps a new %d-class head", source, n, model.num_classes)
+        for k in head_keys:
+            del sd[k]
+        missing_ok = {"head.weight", "head.bias"}
+    else:
+        missing_ok = set()
+    missing = [k for k in own if k not in sd and k not in missing_ok]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sd
+        if k in own and sd[k].shape != own[k].shape
+    ]
+    if shapes and any(s.startswith("head.") for s in shapes):
+        shapes.append("(the classifier size differs: pass num_classes / drop_head=True to replace the head)")
+    if shapes or (strict and (missing or unexpected)):
+        raise WeightsError(_report(source, missing, unexpected, shapes))
+    if missing or unexpected:
+        log.warning(_report(source, missing, unexpected, []))
+    model.load_state_dict(sd, strict=False)
+    return missing, unexpected
+
+
+def load_weights(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    strict: bool = True,
+    drop_head: bool = False,
+    use_ema: bool = False,
+) -> Weights:
+    """Load any supported weight file into ``model`` (an :class:`xcit.XCiT`).
+
+    MindCV files switch the model to the ``mindcv`` numerics flavour (logged); other files to their recorded
+    flavour. ``use_ema`` takes the EMA copy when the file has one.
+    """
+    w = read_weights(path, use_ema=use_ema)
+    if hasattr(model, "set_flavour") and model.flavour != w.flavour:
+        log.info("%s: %s weights, switching to the %r numerics flavour", path, w.source_format, w.flavour)
+        model.set_flavour(w.flavour)
+    load_state_dict_checked(model, w.state_dict, strict=strict, drop_head=drop_head, source=path)
+    return w
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: str | os.PathLike, write_fn) -> None:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_safetensors(
+    sd: dict[str, torch.Tensor], path: str | os.PathLike, arch: str | None, flavour: str = "official", **meta: str
+) -> None:
+    """Write a state dict as ``.safetensors`` with the architecture and numerics flavour in its metadata."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": "xcit", "flavour": flavour, **({"arch": arch} if arch else {}), **meta}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str | None = None,
+    arch: str | None = None,
+    use_ema: bool = False,
+) -> Weights:
+    """Convert a weight file. ``to``: ``safetensors`` (default for .safetensors), ``official``, ``timm`` (.pth)
+    or ``mindspore`` (default for .ckpt)."""
+    dst = Path(dst)
+    to = to or {".ckpt": "mindspore", ".safetensors": "safetensors"}.get(dst.suffix, "timm")
+    if to not in FORMATS:
+        raise ValueError(f"unknown target format {to!r}; choose from {FORMATS}")
+    w = read_weights(src, use_ema=use_ema)
+    arch = arch or w.arch or infer_arch(w.state_dict)
+    if to == "safetensors":
+        extra = {"classes": json.dumps(list(w.extra["classes"]))} if "classes" in w.extra else {}
+        save_safetensors(w.state_dict, dst, arch, w.flavour, **extra)
+    elif to == "mindspore":
+        from .mindspore_ckpt import timm_to_mindcv, write_mindspore_ckpt
+
+        write_mindspore_ckpt(dst, timm_to_mindcv(w.state_dict))
+    else:
+        sd = timm_to_official(w.state_dict) if to == "official" else w.state_dict
+        atomic_write(dst, lambda tmp: torch.save(sd, tmp))
+    if to in ("official", "timm", "mindspore") and w.flavour == "mindcv" and to != "mindspore":
+        log.warning("%s holds MindCV-trained weights; they only reproduce MindCV's outputs with flavour='mindcv'", src)
+    return Weights(w.state_dict, w.source_format, w.flavour, arch, w.extra)
