@@ -1,5 +1,7 @@
 """xcit: train, validate and use XCiT (Cross-Covariance Image Transformers) in PyTorch."""
 
+from .backbone import XCiTBackbone
+from .hub import from_pretrained
 from .model import XCiT, XCiTConfig, XCiTPyramid
 from .variants import VARIANTS, create_model, get_config, list_models
 from .weights import WeightsError, convert, load_weights, read_weights, save_safetensors
@@ -10,10 +12,12 @@ __all__ = [
     "VARIANTS",
     "WeightsError",
     "XCiT",
+    "XCiTBackbone",
     "XCiTConfig",
     "XCiTPyramid",
     "convert",
     "create_model",
+    "from_pretrained",
     "get_config",
     "list_models",
     "load_weights",

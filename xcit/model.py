@@ -388,6 +388,12 @@ class XCiT(nn.Module):
         """Parameter names the official recipe exempts from weight decay (besides all 1-D params)."""
         return {"cls_token"}
 
+    def save_pretrained(self, save_directory: str, pretrained_cfg: dict | None = None) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (Hugging Face / timm hub layout); see :mod:`xcit.hub`."""
+        from .hub import save_pretrained  # lazy: keeps this file free of I/O code
+
+        save_pretrained(self, save_directory, pretrained_cfg)
+
     # -- forward pieces ----------------------------------------------------------------------------------------------
 
     def check_input(self, x: torch.Tensor) -> tuple[int, int]:

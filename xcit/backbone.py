@@ -1,0 +1,87 @@
+"""XCiT as a multi-scale backbone for detection and segmentation (torchvision conventions).
+
+:class:`XCiTBackbone` follows the official dense-task backbone (facebookresearch/xcit, ``detection/backbone/xcit.py``
+and ``semantic_segmentation/backbone/xcit.py``): four XCA blocks are tapped ([3, 5, 7, 11] for depth 12,
+[7, 11, 15, 23] for depth 24), their tokens reshaped to (B, D, H/p, W/p) without a norm, and resampled to strides
+4 / 8 / 16 / 32. For p16 that is deconv-BN-GELU-deconv (x4), deconv (x2), identity, 2x2 max-pool; for p8 deconv
+(x2), identity, max-pool 2, max-pool 4. The class-attention stage and the head are not part of the backbone.
+
+Differences from the official code: the official fpn1 uses ``SyncBatchNorm``; here it is ``BatchNorm2d`` (call
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)`` for multi-GPU training), and images only need to be a
+multiple of the patch size (torchvision's detectors pad to 32 already).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import XCiTPyramid
+from .variants import create_model
+
+
+class XCiTBackbone(nn.Module):
+    """Stride 4 / 8 / 16 / 32 feature maps of an XCiT, as an ``OrderedDict`` {"0": s4, "1": s8, "2": s16, "3": s32}.
+
+    Args:
+        name: a variant name (see ``xcit models``).
+        pretrained: classification weights in any supported format; the head and class-attention weights are
+            read but not used.
+        out_indices: the four XCA blocks to tap (default: the official backbone's).
+        drop_path_rate: stochastic depth of the XCA blocks (the official detection recipes use 0.05-0.1).
+        **overrides: :class:`xcit.XCiTConfig` fields (``embed_dim``, ``depth``, ...), e.g. for tiny test models.
+
+    Attributes:
+        out_channels: channels of every level (the embedding dim), as torchvision's detectors expect.
+        channels: per-level channels (for ``FeaturePyramidNetwork(in_channels_list=...)``).
+        strides: (4, 8, 16, 32).
+    """
+
+    strides = XCiTPyramid.strides
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: str | Path | None = None,
+        out_indices: list[int] | None = None,
+        drop_path_rate: float = 0.0,
+        **overrides,
+    ) -> None:
+        super().__init__()
+        model = create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate, **overrides)
+        # Dense tasks never run the class-attention stage (as in the official backbone); dropping it keeps
+        # DistributedDataParallel from seeing parameters without gradients.
+        model.cls_attn_blocks = nn.ModuleList()
+        model.norm = nn.Identity()
+        del model.cls_token
+        self.body = XCiTPyramid(model, out_indices)
+        self.out_indices = self.body.out_indices
+        self.out_channels: int = self.body.out_channels
+        self.channels: list[int] = list(self.body.channels)
+        self.patch_size = model.patch_size
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict(self.body(x))
+
+
+class XCiTFPN(nn.Module):
+    """:class:`XCiTBackbone` followed by torchvision's ``FeaturePyramidNetwork`` (plus a stride-64 max-pool level),
+    the drop-in ``backbone`` for ``torchvision.models.detection.FasterRCNN`` / ``MaskRCNN`` / ``RetinaNet``.
+
+    Mirrors ``torchvision.models.detection.backbone_utils.BackboneWithFPN``, whose layer getter cannot tap
+    transformer blocks. Output keys: "0", "1", "2", "3", "pool"; ``out_channels`` FPN channels each.
+    """
+
+    def __init__(self, backbone: XCiTBackbone, out_channels: int = 256) -> None:
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+        self.body = backbone
+        self.fpn = FeaturePyramidNetwork(backbone.channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
