@@ -1,0 +1,289 @@
+"""Training checkpoints that survive crashes, full disks and bit rot.
+
+A checkpoint is an ordinary ``torch.save`` zip archive whose zip *comment* holds ``xcit-sha256:<hex>``, the SHA-256
+of every byte before the comment. A zip comment is part of the format (APPNOTE.TXT sec. 4.3.16), so
+``torch.load(weights_only=True)`` and :func:`xcit.read_weights` read the file unchanged, while :func:`load_checkpoint`
+can prove that the bytes are the ones that were written: a truncated file loses its comment, and a flipped bit
+changes the digest. (Torch's own zip reader does not check tensor bytes, so a flipped bit would otherwise load.)
+
+Writes are atomic: temp file in the same directory, fsync, ``os.replace``, fsync of the directory (the rename is
+only durable once the directory entry is). A failed write (full disk, quota, I/O error) removes the temp file,
+leaves the previous checkpoint untouched and raises :class:`CheckpointError`.
+
+Everything stored must load with ``weights_only=True``: tensors, dicts, lists, tuples, str, int, float, bool, None.
+:func:`capture_rng_state` encodes the Python, NumPy, torch and CUDA generators in those types.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .weights import WeightsError
+
+log = logging.getLogger("xcit")
+
+_TAG = b"xcit-sha256:"
+_COMMENT_LEN = len(_TAG) + 64  # tag + hex digest
+_EOCD = b"PK\x05\x06"  # end-of-central-directory signature; the record is 22 bytes when it has no comment
+_CHUNK = 1 << 22
+
+
+class CheckpointError(WeightsError):
+    """A checkpoint that cannot be written, read or verified. The message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checksum trailer
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _digest(f, length: int) -> str:
+    """SHA-256 of the first ``length`` bytes of an open binary file, read in chunks (checkpoints can be GBs)."""
+    f.seek(0)
+    h = hashlib.sha256()
+    left = length
+    while left > 0:
+        chunk = f.read(min(_CHUNK, left))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+def _seal(path: Path) -> None:
+    """Turn the fresh ``torch.save`` archive at ``path`` into a sealed checkpoint by writing the digest comment."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size - 22)
+        eocd = f.read(22)
+        if size < 22 or eocd[:4] != _EOCD or eocd[20:22] != b"\x00\x00":
+            raise CheckpointError(f"{path}: torch.save did not write a zip archive without comment; cannot seal it")
+        digest = _digest(f, size - 2)  # everything up to the comment-length field
+        f.seek(size - 2)
+        f.write(struct.pack("<H", _COMMENT_LEN) + _TAG + digest.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(path: str | os.PathLike) -> bool | None:
+    """Check a file's checksum comment.
+
+    Returns ``True`` when the stored digest matches the bytes, ``False`` when it does not, and ``None`` when the
+    file has no checksum comment at all (written by plain ``torch.save``, or truncated).
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < 22 + _COMMENT_LEN:
+            return None
+        f.seek(size - _COMMENT_LEN - 2)
+        tail = f.read(_COMMENT_LEN + 2)
+        if tail[2 : 2 + len(_TAG)] != _TAG or struct.unpack("<H", tail[:2])[0] != _COMMENT_LEN:
+            return None
+        return _digest(f, size - _COMMENT_LEN - 2) == tail[2 + len(_TAG) :].decode("ascii", "replace")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems (and Windows) cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Atomically write ``state`` (weights_only-safe values only) to ``path`` with a SHA-256 checksum.
+
+    On any failure the temp file is removed, an existing ``path`` is left as it was, and :class:`CheckpointError`
+    says why (e.g. ``No space left on device``).
+    """
+    path = Path(path)
+    _check_weights_only_safe(state, path, "state")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+        _seal(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CheckpointError(
+            f"{path}: could not write the checkpoint ({reason}); the previous checkpoint, if any, is intact"
+        ) from e
+    except RuntimeError as e:  # torch's zip writer reports write failures as RuntimeError
+        raise CheckpointError(
+            f"{path}: could not write the checkpoint ({str(e).splitlines()[0][:200]}); the previous checkpoint, "
+            f"if any, is intact"
+        ) from e
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    _fsync_dir(path.parent)
+
+
+# exactly the types torch.load(weights_only=True) rebuilds (numpy scalars and defaultdict are refused there)
+_SAFE_SCALARS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+_SAFE_CONTAINERS = (dict, collections.OrderedDict, list, tuple, set, torch.Size)
+
+
+def _check_weights_only_safe(obj: object, path: Path, where: str) -> None:
+    """Refuse, before writing, anything ``torch.load(weights_only=True)`` would refuse to read back."""
+    kind = type(obj)
+    if isinstance(obj, torch.Tensor) or kind in _SAFE_SCALARS or kind is torch.Size:
+        return
+    if kind not in _SAFE_CONTAINERS:
+        raise CheckpointError(
+            f"{path}: {where} is a {kind.__module__}.{kind.__name__}, which torch.load(weights_only=True) cannot "
+            f"read; store tensors, plain numbers, strings, lists or dicts"
+        )
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    for k, v in items:
+        if isinstance(obj, dict):
+            _check_weights_only_safe(k, path, f"a key of {where}")
+        _check_weights_only_safe(v, path, f"{where}[{k!r}]")
+
+
+def load_checkpoint(path: str | os.PathLike, require_checksum: bool = False) -> dict:
+    """Verify and load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``, on CPU).
+
+    A file without a checksum (plain ``torch.save``) is loaded with a warning unless ``require_checksum``.
+    Raises ``FileNotFoundError`` or :class:`CheckpointError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ok = verify_checkpoint(path)
+    if ok is False:
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt (changed after it was written)")
+    if ok is None:
+        if require_checksum:
+            raise CheckpointError(f"{path}: no checksum; the file is truncated or was not written by save_checkpoint")
+        log.warning("%s has no checksum (not written by xcit); loading it unverified", path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all become one clear error
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A directory of checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _newest_first(directory: Path, pattern: str) -> list[Path]:
+    files = [p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+
+def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pth") -> Path | None:
+    """The newest file in ``directory`` matching ``pattern`` whose checksum verifies, or ``None``.
+
+    Corrupt or unsealed files are reported and skipped, so a crash or bit rot in the last checkpoint falls back
+    to the previous good one.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for p in _newest_first(directory, pattern):
+        try:
+            ok = verify_checkpoint(p)
+        except OSError as e:
+            log.warning("skipping checkpoint %s: unreadable (%s)", p, e)
+            continue
+        if ok:
+            return p
+        why = "checksum mismatch" if ok is False else "no checksum (truncated or not written by xcit)"
+        log.warning("skipping corrupt checkpoint %s: %s; falling back to an older one", p, why)
+    return None
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep: int, pattern: str = "*.pth") -> list[Path]:
+    """Delete all but the ``keep`` newest files matching ``pattern`` (``keep <= 0`` keeps all), plus temp files
+    left behind by killed writers. Returns the deleted paths."""
+    directory = Path(directory)
+    removed = []
+    for tmp in directory.glob(".*.tmp*"):  # from save_checkpoint of a process that no longer exists
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if keep > 0:
+        for p in _newest_first(directory, pattern)[keep:]:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Random number generators, encoded weights_only-safe
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict:
+    """The state of Python's ``random``, NumPy's global generator, torch's CPU generator and every CUDA generator,
+    as tensors, lists and numbers only (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of :func:`capture_rng_state`. Missing entries are left alone; CUDA states are restored only for
+    as many devices as both the checkpoint and this machine have."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((int(version), tuple(int(x) for x in internal.tolist()), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        n = min(len(state["cuda"]), torch.cuda.device_count())
+        if n != len(state["cuda"]):
+            log.warning("checkpoint has %d CUDA RNG states, this machine %d devices", len(state["cuda"]), n)
+        for i in range(n):
+            torch.cuda.set_rng_state(state["cuda"][i], i)

@@ -1,0 +1,75 @@
+"""Reading training images safely: any mode to RGB, decompression bombs refused, broken files a named error.
+
+Datasets scraped from the web hold grayscale, CMYK, palette, RGBA and 16-bit files, zero-byte and truncated
+downloads, HTML error pages saved as ``.jpg``, and now and then a tiny file that declares a gigantic canvas (a
+"decompression bomb"). :func:`load_rgb` turns each into an 8-bit RGB image or an :class:`ImageError` naming the
+file, so a data loader can skip it with a counted warning instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# PIL's own bomb threshold (about 89 Mpx, a 0.25 GB RGB buffer); far above any training image
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class ImageError(ValueError):
+    """An image file that cannot be decoded, or that is refused. The message names the file."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode. 16/32-bit integer images are rescaled, not clipped (PIL's ``convert`` clips
+    ``I;16`` to 255, which turns most 16-bit photos white)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+        arr = np.nan_to_num(np.clip(arr / top * 255.0, 0, 255)).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode in ("P", "PA") or (im.mode == "L" and "transparency" in im.info):
+        im = im.convert("RGBA")  # palette transparency first, or PIL warns and mis-maps it
+    return im.convert("RGB")  # RGBA/LA drop alpha like torchvision's pil_loader; CMYK/YCbCr/LAB/1/L convert
+
+
+def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB image.
+
+    Raises ``FileNotFoundError`` for a missing file and :class:`ImageError` for an empty, corrupt, truncated or
+    non-image file, or one that declares more than ``max_pixels`` pixels (checked from the header, before decoding).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's bomb and EXIF warnings: the size is checked explicitly below
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageError(
+                        f"{path}: refused, declares {w}x{h} = {w * h} pixels (limit {max_pixels}); "
+                        f"possible decompression bomb"
+                    )
+                im.load()
+                return _to_rgb(im)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused, possible decompression bomb ({e})") from None
+    except MemoryError:
+        raise ImageError(f"{path}: refused, decoding it needs more memory than is available") from None
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ImageError(f"{path}: cannot decode image ({reason})") from None
