@@ -111,6 +111,23 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _RecordingWriter:
+    """A file wrapper that remembers the ``OSError`` (ENOSPC, EFBIG, EIO, ...) that torch's writer hides."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Atomically write ``state`` (weights_only-safe values only) to ``path`` with a SHA-256 checksum.
 
@@ -121,21 +138,20 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     _check_weights_only_safe(state, path, "state")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer = _RecordingWriter(f)
+            torch.save(state, writer)
         _seal(tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        reason = e.strerror or str(e)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer turns a failed write into "RuntimeError: unexpected pos"; report the OS's reason
+        cause = writer.error if writer is not None and writer.error is not None else e
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0][:200]
         raise CheckpointError(
             f"{path}: could not write the checkpoint ({reason}); the previous checkpoint, if any, is intact"
-        ) from e
-    except RuntimeError as e:  # torch's zip writer reports write failures as RuntimeError
-        raise CheckpointError(
-            f"{path}: could not write the checkpoint ({str(e).splitlines()[0][:200]}); the previous checkpoint, "
-            f"if any, is intact"
-        ) from e
+        ) from cause
     finally:
         try:
             tmp.unlink(missing_ok=True)

@@ -10,6 +10,9 @@ Exact resume needs two things beyond the model and optimiser state:
   a sample is then the same whichever DataLoader worker loads it, whatever ``num_workers`` is, and whether or not
   the run was interrupted, so worker RNG state never needs saving. The generators of the calling process are
   restored afterwards, so with ``num_workers=0`` the training loop's own random stream is not disturbed.
+  Give the DataLoader its own ``generator=torch.Generator()``: without one, every ``iter(loader)`` draws the
+  workers' base seed from the global torch RNG, and a resumed epoch would make that draw at a different point of
+  the training loop's random stream (drop path, mixup) than the uninterrupted run did.
 
 Repeated augmentation (Hoffer et al. 2020; DeiT's ``RASampler``, timm's ``RepeatAugSampler``): each index of the
 permutation appears ``repeats`` times in a row, the list is padded and dealt round-robin to the ranks, and each rank
