@@ -208,6 +208,10 @@ def read_weights(path: str | os.PathLike, use_ema: bool = False) -> Weights:
         except (ValueError, KeyError) as e:
             raise WeightsError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
         return Weights(sd, "mindcv", "mindcv")
+    from .checkpoint import verify_checkpoint  # training checkpoints carry a SHA-256; check it when present
+
+    if verify_checkpoint(path) is False:
+        raise WeightsError(f"{path}: checksum mismatch, the file is corrupt (changed after it was written)")
     obj = _torch_load(path)
     sd, extra = _unwrap(obj, path, use_ema)
     sd = strip_prefixes(sd)
