@@ -154,3 +154,26 @@ def test_models_command_json(capsys):
     assert [r["name"] for r in rows] == ["xcit_tiny_12_p16_224", "xcit_tiny_12_p16_384"]
     assert rows[0]["params_m"] == pytest.approx(6.72, abs=0.01)
     assert rows[0]["gmacs"] == pytest.approx(1.24, abs=0.03)
+
+
+def test_convert_mindcv_ckpt_keeps_flavour_and_round_trips(tmp_path):
+    """MindCV .ckpt -> safetensors (flavour recorded) -> model matches MindCV's logits -> back to .ckpt exactly."""
+    import numpy as np
+
+    from xcit.cli import main
+    from xcit.mindspore_ckpt import read_mindspore_ckpt
+
+    stem = os.path.join(os.path.dirname(__file__), "fixtures", "mindcv", "xcit_small_fixture")
+    data = np.load(stem + ".npz")
+    cfg = json.loads(str(data["config"]))
+    arch = {k: cfg[k] for k in ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "eta", "tokens_norm")}
+    assert main(["convert", stem + ".ckpt", str(tmp_path / "m.safetensors")]) == 0
+    m = xcit.create_model("xcit_tiny_12_p16_224", pretrained=tmp_path / "m.safetensors", **arch).eval()
+    assert m.flavour == "mindcv" and m.num_classes == cfg["num_classes"]
+    with torch.no_grad():
+        diff = (m(torch.from_numpy(data["input"])) - torch.from_numpy(data["logits"])).abs().max()
+    assert diff <= 1e-4
+    assert main(["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "back.ckpt")]) == 0
+    orig, back = read_mindspore_ckpt(stem + ".ckpt"), read_mindspore_ckpt(tmp_path / "back.ckpt")
+    assert orig.keys() == back.keys()
+    assert all(torch.equal(orig[k], back[k]) for k in orig)
