@@ -148,7 +148,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     except (OSError, RuntimeError) as e:
         # torch's zip writer turns a failed write into "RuntimeError: unexpected pos"; report the OS's reason
         cause = writer.error if writer is not None and writer.error is not None else e
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0][:200]
+        text = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+        reason = (text.splitlines() or [type(cause).__name__])[0][:200]
         raise CheckpointError(
             f"{path}: could not write the checkpoint ({reason}); the previous checkpoint, if any, is intact"
         ) from cause

@@ -251,6 +251,8 @@ def read_mindspore_ckpt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     while i < len(values):
         v = values[i]
         tag = v.tag
+        if not isinstance(tag, str):  # python protobuf returns proto2 strings that are not valid UTF-8 as bytes
+            raise MindSporeCheckpointError(f"{path}: parameter name {tag!r} is not valid UTF-8 (corrupted file)")
         if tag in out:
             raise MindSporeCheckpointError(f"{path}: tensor {tag!r} occurs twice")
         if not v.HasField("tensor"):  # a MapParameter (its slices share the tag) or an empty Value

@@ -140,7 +140,7 @@ def _torch_load(path: Path) -> object:
                 f"state_dict with torch.save(model.state_dict(), ...)."
             ) from None
         raise WeightsError(
-            f"{path}: not a readable PyTorch file ({type(e).__name__}: {text.splitlines()[0][:200]})"
+            f"{path}: not a readable PyTorch file ({type(e).__name__}: {(text.splitlines() or [''])[0][:200]})"
         ) from None
 
 

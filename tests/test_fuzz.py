@@ -1,0 +1,260 @@
+"""Property-based fuzzing: broken weight files, checkpoints, images and configs give clean, named errors.
+
+"Clean" means one of this project's error types (all ``ValueError`` subclasses) or ``FileNotFoundError``, with a
+message that names the file, instead of a traceback from inside torch, PIL, protobuf or safetensors; no hangs
+(per-example deadline plus a per-test timeout) and no crashes.
+"""
+
+import io
+import struct
+import tempfile
+import zlib
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import xcit
+from xcit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from xcit.imageio import MAX_PIXELS, ImageError, load_rgb
+from xcit.mindspore_ckpt import MindSporeCheckpointError, read_mindspore_ckpt, timm_to_mindcv, write_mindspore_ckpt
+
+FUZZ = settings(
+    max_examples=60,
+    deadline=timedelta(seconds=5),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,  # the same examples every run: a failure reproduces, the suite stays deterministic
+)
+CLEAN = (xcit.WeightsError, CheckpointError, MindSporeCheckpointError, ImageError)
+
+_DIR = Path(tempfile.mkdtemp(prefix="xcit-fuzz-"))
+
+
+def _tiny_state() -> dict[str, torch.Tensor]:
+    model = xcit.create_model("xcit_nano_12_p16_224", embed_dim=16, depth=1, num_heads=2, num_classes=3, img_size=32)
+    return model.state_dict()
+
+
+def _bytes_of(write) -> bytes:
+    p = _DIR / f"seed-{id(write)}"
+    write(p)
+    data = p.read_bytes()
+    p.unlink()
+    return data
+
+
+def _weight_seeds() -> dict[str, bytes]:
+    from safetensors.torch import save_file
+
+    sd = _tiny_state()
+    legacy = io.BytesIO()
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    zipped = io.BytesIO()
+    torch.save({"model": sd, "arch": "xcit_nano_12_p16_224"}, zipped)
+    return {
+        ".pth": zipped.getvalue(),
+        ".pt": legacy.getvalue(),  # legacy (non-zip) pickle format
+        ".ckpt": _bytes_of(lambda p: write_mindspore_ckpt(p, timm_to_mindcv(sd))),
+        ".safetensors": _bytes_of(lambda p: save_file(sd, str(p))),
+        ".tar": _bytes_of(lambda p: save_checkpoint(p, {"model": sd, "arch": "x", "step": 3})),  # sealed checkpoint
+    }
+
+
+WEIGHT_SEEDS = _weight_seeds()
+
+
+@st.composite
+def mutated(draw, seeds: dict[str, bytes]):
+    """A valid file of some format with a few bit flips, overwrites, insertions, deletions or a truncation."""
+    suffix = draw(st.sampled_from(sorted(seeds)))
+    data = bytearray(seeds[suffix])
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.sampled_from(["flip", "overwrite", "insert", "delete", "truncate"]))
+        pos = draw(st.integers(0, max(len(data) - 1, 0)))
+        if kind == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "overwrite":
+            chunk = draw(st.binary(min_size=1, max_size=16))
+            data[pos : pos + len(chunk)] = chunk
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        elif kind == "delete":
+            del data[pos : pos + draw(st.integers(1, 64))]
+        else:
+            del data[pos:]
+    return suffix, bytes(data)
+
+
+def _write(suffix: str, data: bytes) -> Path:
+    p = _DIR / f"fuzz{suffix}"
+    p.write_bytes(data)
+    return p
+
+
+def _expect_clean(fn, path: Path):
+    """Run ``fn(path)``; success is fine, an error must be a clean one naming the file."""
+    try:
+        return fn(path)
+    except CLEAN as e:
+        assert path.name in str(e), f"error does not name the file: {e}"
+    except FileNotFoundError:
+        raise AssertionError("the file exists") from None
+    return None
+
+
+def _readers(suffix: str):
+    readers = [xcit.read_weights]
+    if suffix == ".ckpt":
+        readers.append(read_mindspore_ckpt)
+    if suffix in (".pth", ".pt", ".tar"):
+        readers.append(load_checkpoint)
+    return readers
+
+
+def test_seed_files_are_valid():
+    for suffix, data in WEIGHT_SEEDS.items():
+        p = _write(suffix, data)
+        for read in _readers(suffix):
+            assert read(p) is not None
+
+
+@pytest.mark.timeout(90)
+@FUZZ
+@given(mutated(WEIGHT_SEEDS))
+def test_mutated_weight_files_give_clean_errors(case):
+    suffix, data = case
+    p = _write(suffix, data)
+    for read in _readers(suffix):
+        _expect_clean(read, p)
+
+
+@pytest.mark.timeout(90)
+@FUZZ
+@given(st.sampled_from(sorted(WEIGHT_SEEDS)), st.binary(max_size=2048))
+def test_random_bytes_as_weight_files_give_clean_errors(suffix, data):
+    p = _write(suffix, data)
+    for read in _readers(suffix):
+        _expect_clean(read, p)
+
+
+@pytest.mark.timeout(60)
+@FUZZ
+@given(st.integers(0, len(WEIGHT_SEEDS[".tar"]) - 1), st.integers(0, 7))
+def test_any_bit_flip_in_a_checkpoint_is_caught_by_the_checksum(pos, bit):
+    data = bytearray(WEIGHT_SEEDS[".tar"])
+    data[pos] ^= 1 << bit
+    p = _write(".pth", bytes(data))
+    with pytest.raises(CheckpointError, match="fuzz.pth"):
+        load_checkpoint(p, require_checksum=True)
+
+
+def test_missing_files_are_file_not_found():
+    for read in (xcit.read_weights, load_checkpoint, load_rgb):
+        with pytest.raises(FileNotFoundError):
+            read(_DIR / "does-not-exist.pth")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _image_seeds() -> dict[str, bytes]:
+    rgb = Image.radial_gradient("L").resize((24, 16)).convert("RGB")
+    out = {}
+    for name, im, fmt in [
+        (".jpg", rgb, "JPEG"),
+        (".cmyk.jpg", rgb.convert("CMYK"), "JPEG"),
+        (".png", rgb, "PNG"),
+        (".rgba.png", rgb.convert("RGBA"), "PNG"),
+        (".p.png", rgb.convert("P"), "PNG"),
+        (".16.png", Image.fromarray((torch.arange(24 * 16).reshape(16, 24) * 170).numpy().astype("uint16")), "PNG"),
+        (".gif", rgb.convert("P"), "GIF"),
+        (".bmp", rgb, "BMP"),
+        (".tif", rgb, "TIFF"),
+        (".webp", rgb, "WEBP"),
+    ]:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        out[name] = buf.getvalue()
+    return out
+
+
+IMAGE_SEEDS = _image_seeds()
+
+
+def _check_image(path: Path) -> None:
+    im = _expect_clean(load_rgb, path)
+    if im is not None:
+        assert im.mode == "RGB" and im.width * im.height <= MAX_PIXELS
+
+
+def test_image_seeds_decode_to_rgb():
+    for suffix, data in IMAGE_SEEDS.items():
+        im = load_rgb(_write(suffix, data))
+        assert im.mode == "RGB" and im.size == (24, 16)
+
+
+@pytest.mark.timeout(90)
+@FUZZ
+@given(mutated(IMAGE_SEEDS))
+def test_mutated_images_give_rgb_or_clean_errors(case):
+    _check_image(_write(*case))
+
+
+@pytest.mark.timeout(60)
+@FUZZ
+@given(st.sampled_from([".jpg", ".png", ".gif", ".bin"]), st.binary(max_size=1024))
+def test_random_bytes_as_images_give_clean_errors(suffix, data):
+    _check_image(_write(suffix, data))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` RGB pixels (valid signature, IHDR and CRC) and then one
+    tiny IDAT: the classic decompression-bomb shape, a few dozen bytes promising gigabytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def _gif_header(width: int, height: int) -> bytes:
+    """A GIF whose screen and single frame declare ``width`` x ``height`` with a 2-byte LZW stream."""
+    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"  # 2-colour table
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return b"GIF89a" + screen + frame + b"\x3b"
+
+
+@pytest.mark.timeout(60)
+@FUZZ
+@given(
+    st.sampled_from([_png_header, _gif_header]),
+    st.integers(1, 65535),
+    st.integers(MAX_PIXELS // 65535 + 1, 65535),
+)
+def test_decompression_bombs_are_refused_before_decoding(make, width, height):
+    if width * height <= MAX_PIXELS:
+        width = MAX_PIXELS // height + 1
+    p = _write(".png" if make is _png_header else ".gif", make(width, height))
+    with pytest.raises(ImageError, match=r"fuzz\.(png|gif): refused.*decompression bomb"):
+        load_rgb(p)
+
+
+def test_bomb_between_pils_warning_and_error_thresholds_is_refused():
+    # PIL only warns between MAX_IMAGE_PIXELS and twice that; load_rgb refuses from the first threshold
+    p = _write(".png", _png_header(10_000, MAX_PIXELS // 10_000 + 1))
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_rgb(p)
+
+
+def test_empty_and_truncated_images_are_named():
+    with pytest.raises(ImageError, match="fuzz.jpg: empty file"):
+        load_rgb(_write(".jpg", b""))
+    with pytest.raises(ImageError, match="fuzz.jpg: cannot decode image"):
+        load_rgb(_write(".jpg", IMAGE_SEEDS[".jpg"][: len(IMAGE_SEEDS[".jpg"]) // 2]))
