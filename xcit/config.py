@@ -397,8 +397,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"bad value for 'aux_factor': {cfg.aux_factor}; XCiT has no auxiliary head (use 0)")
     if cfg.num_classes is not None and cfg.num_classes <= 0:
         raise ConfigError(f"bad value for 'num_classes': {cfg.num_classes} must be > 0")
-    if isinstance(cfg.re_value, str) and cfg.re_value not in ("random", "pixel", "const"):
-        raise ConfigError(f"bad value for 're_value': {cfg.re_value!r}; use a number, 'random' or 'pixel'")
+    if cfg.re_value not in (0, "random", "pixel", "const"):  # timm erases with zeros, normal noise per region/pixel
+        raise ConfigError(f"bad value for 're_value': {cfg.re_value!r}; use 0, 'random' or 'pixel'")
     if cfg.pretrained is True:
         raise ConfigError("'pretrained: True' needs a file here (nothing is downloaded): give the path to weights")
     if cfg.resume_opt and not cfg.ckpt_path:

@@ -1,0 +1,171 @@
+"""Datasets, transforms, loss and loaders: bad files, class checks, the recipe's augmentations, sharding."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from xcit.config import load_config
+from xcit.data import Criterion, DataError, build_datasets, mixup_fn, train_loader, val_loader
+from xcit.demo import write_digits
+
+
+def make_folder(root: Path, classes=("a", "b", "c"), per_class: int = 6, size: int = 20, seed: int = 0) -> Path:
+    """A small ImageFolder with train/val splits of random-coloured RGB JPEGs whose class sets a colour bias."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+                arr[..., ci % 3] += 150
+                Image.fromarray(arr).save(d / f"{i}.jpg", quality=95)
+    return root
+
+
+def add_bad_files(root: Path) -> dict[str, Path]:
+    """Every kind of awkward file in train/a: convertible modes and broken files."""
+    d = root / "train" / "a"
+    rgb = np.random.default_rng(1).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    files = {
+        "cmyk": d / "cmyk.jpg",
+        "rgba": d / "rgba.png",
+        "gray16": d / "gray16.png",
+        "palette": d / "palette.png",
+        "gray": d / "gray.png",
+        "zero": d / "zero.jpg",
+        "garbage": d / "garbage.jpg",
+        "text": d / "notes.txt",
+        "truncated": d / "truncated.jpg",
+    }
+    Image.fromarray(rgb).convert("CMYK").save(files["cmyk"])
+    Image.fromarray(np.dstack([rgb, np.full((20, 20), 128, np.uint8)])).save(files["rgba"])
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(files["gray16"])  # I;16, ~61% grey
+    Image.fromarray(rgb).convert("P").save(files["palette"])
+    Image.fromarray(rgb[..., 0]).save(files["gray"])
+    files["zero"].write_bytes(b"")
+    files["garbage"].write_bytes(b"<html>404 not found</html>" * 10)
+    files["text"].write_text("not an image")
+    full = root / "full.jpg"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(full, quality=95)
+    files["truncated"].write_bytes(full.read_bytes()[: full.stat().st_size // 2])  # header intact, pixels missing
+    full.unlink()
+    return files
+
+
+def cfg_for(root: Path, *extra: str):
+    base = ["--data_dir", str(root), "--image_resize", "32", "--batch_size", "4", "--num_parallel_workers", "0"]
+    return load_config([*base, *extra])[0]
+
+
+def test_odd_files_convert_or_are_skipped_with_a_count(tmp_path, caplog):
+    root = make_folder(tmp_path / "ds")
+    files = add_bad_files(root)
+    with caplog.at_level(logging.WARNING, logger="xcit"):
+        train, val = build_datasets(cfg_for(root))
+    assert dict(train.skipped) == {"zero bytes": 1, "corrupt": 1, "not an image": 1}
+    assert "skipped 3 files (1 corrupt, 1 not an image, 1 zero bytes): a/garbage.jpg: corrupt" in caplog.text
+    paths = [p for p, _ in train.samples]
+    for name in ("cmyk", "rgba", "gray16", "palette", "gray", "truncated"):
+        assert str(files[name]) in paths, name
+    train.transform = None
+    for name in ("cmyk", "rgba", "gray16", "palette", "gray"):
+        img, y = train[paths.index(str(files[name]))]
+        assert img.mode == "RGB" and img.size == (20, 20) and y == 0, name
+    grey = np.asarray(train[paths.index(str(files["gray16"]))][0])
+    assert 150 < grey.mean() < 160  # 40000/65535 of full scale, not clipped to white
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xcit"):
+        img, y = train[paths.index(str(files["truncated"]))]  # decodes the next good file instead
+    assert "truncated.jpg" in caplog.text and img.mode == "RGB"
+    assert len(val) == 3 * 3
+
+
+def test_split_and_class_errors_come_before_training(tmp_path):
+    root = make_folder(tmp_path / "ds")
+    (root / "val" / "zebra").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "val" / "zebra" / "z.png")
+    with pytest.raises(DataError, match=r"1 classes are not in .*train: \['zebra'\]"):
+        build_datasets(cfg_for(root))
+    with pytest.raises(DataError, match="val split not found"):
+        build_datasets(cfg_for(root, "--val_split", "validation"))
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "val" / "a").mkdir(parents=True)
+    (empty / "train" / "a" / "x.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match="no readable images"):
+        build_datasets(cfg_for(empty))
+
+
+def test_custom_split_names_and_checkpoint_classes(tmp_path):
+    root = make_folder(tmp_path / "ds")
+    (root / "train").rename(root / "training")
+    (root / "val").rename(root / "validation")
+    cfg = cfg_for(root, "--train_split", "training", "--val_split", "validation")
+    train, val = build_datasets(cfg)
+    assert train.classes == ["a", "b", "c"] and len(train) == 18
+    _, val = build_datasets(cfg, classes=["c", "b", "a", "d"], need_train=False)
+    assert sorted({val.classes[y] for y in val.targets}) == ["a", "b", "c"] and val.classes[0] == "c"
+
+
+def test_recipe_transforms_come_from_timm(tmp_path):
+    cfg = cfg_for(tmp_path, "--auto_augment", "randaug-m9-mstd0.5-inc1", "--re_prob", "0.25", "--re_value", "pixel")
+    cfg.re_scale = (0.1, 0.2)
+    from xcit.data import eval_transform, train_transform
+
+    names = [type(t).__name__ for t in train_transform(cfg).transforms]
+    assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
+    assert "RandAugment" in names and names[-1] == "RandomErasing"
+    erase = train_transform(cfg).transforms[-1]
+    assert (erase.min_area, erase.max_area, erase.mode) == (0.1, 0.2, "pixel")
+    assert "ColorJitter" not in names  # timm switches it off under RandAugment, as the official recipe does
+    ev = eval_transform(load_config(["--image_resize", "224", "--crop_pct", "0.875", "--interpolation", "bicubic"])[0])
+    assert ev.transforms[0].size == 256 and ev.transforms[1].size == (224, 224)  # 224 / 0.875
+    out = train_transform(cfg)(Image.fromarray(np.zeros((40, 50, 3), np.uint8)))
+    assert out.shape == (3, 32, 32)
+
+
+def test_mixup_targets_and_losses():
+    cfg = load_config(["--mixup", "0.8", "--cutmix", "1.0", "--label_smoothing", "0.1", "--batch_size", "4"])[0]
+    mix = mixup_fn(cfg, num_classes=5)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    xm, ym = mix(x.clone(), y)
+    assert ym.shape == (4, 5) and torch.allclose(ym.sum(1), torch.ones(4)) and ym.min() > 0
+    logits = torch.randn(4, 5)
+    ce = Criterion("CE", 0.1)
+    assert torch.allclose(ce(logits, y), F.cross_entropy(logits, y, label_smoothing=0.1))
+    onehot = F.one_hot(y, 5).float()
+    assert torch.allclose(Criterion("CE")(logits, onehot), F.cross_entropy(logits, y))  # soft == hard for one-hot
+    assert torch.allclose(Criterion("BCE")(logits, y), F.binary_cross_entropy_with_logits(logits, onehot))
+    assert torch.allclose(Criterion("CE", reduction="sum")(logits, y), F.cross_entropy(logits, y, reduction="sum"))
+    with pytest.raises(ValueError, match="even"):
+        mixup_fn(load_config(["--mixup", "0.8", "--batch_size", "3"])[0], 5)
+
+
+def test_two_ranks_see_the_single_process_batch_with_identical_augmentation(tmp_path):
+    root = write_digits(tmp_path / "digits", classes=3, per_class=12)
+    cfg = cfg_for(root, "--scale", "0.3,1", "--hflip", "0.5", "--batch_size", "4", "--seed", "3")
+    train, _ = build_datasets(cfg)
+    single = next(iter(train_loader(train, cfg, world=1, rank=0)))
+    cfg.batch_size = 2
+    ranks = [next(iter(train_loader(train, cfg, world=2, rank=r))) for r in (0, 1)]
+    both = torch.cat([ranks[0][0], ranks[1][0]])
+    ys = torch.cat([ranks[0][1], ranks[1][1]])
+    # rank r holds positions r, r + 2, ... of the same permutation: the same 4 samples, the same crops
+    order = [0, 2, 1, 3]
+    assert torch.equal(single[0][order], both) and torch.equal(single[1][order], ys)
+
+
+def test_validation_shards_cover_every_image_once(tmp_path):
+    root = make_folder(tmp_path / "ds", per_class=7)  # 3 classes x 3 val images = 9: uneven over 2 or 4 ranks
+    _, val = build_datasets(cfg_for(root))
+    for world in (1, 2, 4):
+        seen = [i for r in range(world) for i in val_loader(val, 2, 0, world, r).dataset.indices]
+        assert sorted(seen) == list(range(len(val)))

@@ -1,0 +1,329 @@
+"""Datasets, transforms, mixup/cutmix, the loss and the loaders of a training run.
+
+* **Data.** ``data_dir/<train_split>/<class>/*.jpg`` and ``data_dir/<val_split>/<class>/*``, torchvision's
+  ImageFolder layout. Every file's header is read once when the dataset is built (in threads): zero-byte,
+  non-image and undecodable files are skipped with one counted warning. Any image mode (grayscale, RGBA, CMYK,
+  palette, 16-bit) becomes 8-bit RGB (:func:`xcit.imageio.load_rgb`). A file that still fails to decode later
+  (a truncated JPEG passes the header check) is replaced by the next good image with a warning naming it.
+* **Transforms.** timm's ``create_transform``, which defines the official recipe (random resized crop, flips,
+  color jitter, RandAugment; eval resize to ``image_resize / crop_pct`` then centre crop), plus timm's
+  ``RandomErasing`` with MindCV's area/aspect keys and timm's ``Mixup`` (mixup, cutmix, switch probability,
+  label smoothing).
+* **Order.** :class:`xcit.sampler.ResumableSampler` shards the (repeated-augmentation) epoch across ranks and
+  seeds each sample's augmentation from its position, so the same images get the same crops on any number of
+  ranks and after a resume. Validation shards rank ``r`` to images ``r, r + W, ...`` without padding: no image is
+  counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .config import ConfigError, TrainConfig
+from .imageio import MAX_PIXELS, ImageError, load_rgb
+from .sampler import ResumableSampler, SeededDataset
+
+log = logging.getLogger("xcit")
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jfif", ".gif")
+
+
+class DataError(ConfigError):
+    """A dataset that cannot be trained on (missing split, no images, val classes unknown to train)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why ``path`` is not a usable image, from its size and header only (cheap); None if it looks fine."""
+    if path.suffix.lower() not in IMG_EXTENSIONS:
+        return "not an image"
+    try:
+        if path.stat().st_size == 0:
+            return "zero bytes"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:  # parses the header, decodes nothing
+                w, h = im.size
+    except Exception:  # noqa: BLE001 - PIL raises assorted types for garbage
+        return "corrupt"
+    return "too large" if w * h > MAX_PIXELS else None
+
+
+def scan_split(
+    root: Path, classes: list[str] | None = None
+) -> tuple[list[tuple[str, int]], list[str], list[tuple[str, str]]]:
+    """``(samples, class folders, skipped)`` of one ImageFolder split; ``classes`` fixes the label order.
+
+    Files are checked in parallel threads (header reads are I/O bound). ``skipped`` holds ``(path, reason)``.
+    """
+    found = class_folders(root)
+    classes = found if classes is None else classes
+    index = {c: i for i, c in enumerate(classes)}
+    files = [
+        (Path(dirpath) / f, index[c])
+        for c in found
+        if c in index
+        for dirpath, _, names in sorted(os.walk(root / c, followlinks=True))
+        for f in sorted(names)
+        if not f.startswith(".")
+    ]
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
+        problems = list(pool.map(lambda ft: _header_problem(ft[0]), files))
+    skipped = [(str(path), p) for (path, _), p in zip(files, problems) if p]
+    samples = [(str(path), y) for (path, y), p in zip(files, problems) if p is None]
+    return samples, found, skipped
+
+
+class ImageFolderRGB(Dataset):
+    """An ImageFolder split whose files were checked at build time; images come out as RGB (then ``transform``)."""
+
+    def __init__(self, root: str | Path, classes: list[str] | None = None, transform=None) -> None:
+        self.root = Path(root)
+        self.samples, self.found_classes, self.skipped_files = scan_split(self.root, classes)
+        self.skipped = Counter(why for _, why in self.skipped_files)
+        self.classes = self.found_classes if classes is None else list(classes)
+        self.targets = [y for _, y in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        # a file that passed the header check can still be truncated: take the next good one rather than crash
+        for k in range(min(len(self.samples), 16)):
+            path, y = self.samples[(i + k) % len(self.samples)]
+            try:
+                img = load_rgb(path)
+            except (ImageError, OSError) as e:
+                log.warning("skipping unreadable image (%s); using the next one", e)
+                continue
+            return (self.transform(img) if self.transform else img), y
+        raise DataError(f"{self.root}: 16 consecutive images failed to decode near index {i}")
+
+
+def _report(split: str, ds: ImageFolderRGB) -> None:
+    if ds.skipped:
+        detail = ", ".join(f"{n} {why}" for why, n in sorted(ds.skipped.items()))
+        examples = "; ".join(f"{Path(p).relative_to(ds.root)}: {why}" for p, why in ds.skipped_files[:5])
+        more = ", ..." if len(ds.skipped_files) > 5 else ""
+        log.warning("%s: skipped %d files (%s): %s%s", split, len(ds.skipped_files), detail, examples, more)
+
+
+def build_datasets(
+    cfg: TrainConfig, classes: list[str] | None = None, need_train: bool = True
+) -> tuple[ImageFolderRGB | None, ImageFolderRGB]:
+    """Train (unless ``need_train`` is False) and val datasets with their transforms.
+
+    Labels follow ``classes`` if given (a checkpoint's), else train's sorted class folders (val's when there is no
+    train split). An empty split or a val class that the label set lacks is a :class:`DataError`.
+    """
+    root = Path(cfg.data_dir)
+    train_dir, val_dir = root / cfg.train_split, root / cfg.val_split
+    for split, d in (("train", train_dir), ("val", val_dir))[0 if need_train else 1 :]:
+        if not d.is_dir():
+            raise DataError(f"{split} split not found: {d} (ImageFolder layout: {root}/<split>/<class>/<image>)")
+    train = None
+    if need_train:
+        train = ImageFolderRGB(train_dir, classes=classes, transform=train_transform(cfg))
+        _report(str(train_dir), train)
+        if not train.samples:
+            raise DataError(f"{train_dir}: no readable images in {len(train.found_classes)} class folders")
+        empty = sorted(set(train.classes) - {train.classes[y] for y in set(train.targets)})
+        if empty:
+            log.warning("%s: %d classes have no readable training images: %s", train_dir, len(empty), empty[:10])
+        classes = train.classes
+    val_classes = class_folders(val_dir)
+    classes = val_classes if classes is None else classes
+    unknown = sorted(set(val_classes) - set(classes))
+    if unknown:
+        where = train_dir if need_train else "the checkpoint's classes"
+        raise DataError(f"{val_dir}: {len(unknown)} classes are not in {where}: {unknown[:10]}")
+    val = ImageFolderRGB(val_dir, classes=classes, transform=eval_transform(cfg))
+    _report(str(val_dir), val)
+    if not val.samples:
+        raise DataError(f"{val_dir}: no readable images")
+    return train, val
+
+
+def class_folders(split_dir: str | Path) -> list[str]:
+    """Sorted class folder names of an ImageFolder split."""
+    return sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Transforms
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _erasing_mode(re_value: int | float | str) -> str:
+    """MindCV's ``re_value`` -> timm's erasing mode: 0 -> const (zeros after normalisation), random, pixel."""
+    return {"random": "rand", "pixel": "pixel", "const": "const"}.get(str(re_value), "const")
+
+
+def train_transform(cfg: TrainConfig):
+    """timm's ImageNet training transform (official recipe), then random erasing with MindCV's area/aspect keys."""
+    from timm.data import create_transform
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms
+
+    mean, std = cfg.norm_mean_std
+    t = create_transform(
+        cfg.image_resize,
+        is_training=True,
+        scale=cfg.scale,
+        ratio=cfg.ratio,
+        hflip=cfg.hflip,
+        vflip=cfg.vflip,
+        color_jitter=cfg.color_jitter or None,  # 0 means off
+        auto_augment=cfg.timm_auto_augment,
+        interpolation=cfg.interpolation,
+        mean=mean,
+        std=std,
+        re_prob=0.0,
+    )
+    if cfg.re_prob > 0:
+        erase = RandomErasing(
+            cfg.re_prob,
+            min_area=cfg.re_scale[0],
+            max_area=cfg.re_scale[1],
+            min_aspect=cfg.re_ratio[0],
+            max_aspect=cfg.re_ratio[1],
+            mode=_erasing_mode(cfg.re_value),
+            max_count=cfg.re_count,
+            device="cpu",
+        )
+        t = transforms.Compose([*t.transforms, erase])
+    return t
+
+
+def eval_transform(cfg: TrainConfig):
+    """Resize the short side to ``image_resize / crop_pct`` with ``interpolation``, centre-crop ``image_resize``."""
+    from timm.data import create_transform
+
+    mean, std = cfg.norm_mean_std
+    interp = "bicubic" if cfg.interpolation == "random" else cfg.interpolation
+    return create_transform(
+        cfg.image_resize, is_training=False, crop_pct=cfg.crop_pct, interpolation=interp, mean=mean, std=std
+    )
+
+
+def mixup_fn(cfg: TrainConfig, num_classes: int):
+    """timm's ``Mixup`` (batch-wise mixup/cutmix with label smoothing folded into the soft targets) or None."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    if cfg.batch_size % 2:
+        raise ConfigError(f"mixup/cutmix pair each batch with its reverse: batch_size {cfg.batch_size} must be even")
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.cutmix_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loss
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """Training loss over a batch. Soft targets (from mixup) use soft-target cross-entropy (timm's
+    ``SoftTargetCrossEntropy``, which already holds the smoothing); hard targets use cross-entropy with
+    ``label_smoothing``; ``BCE`` uses sigmoid cross-entropy on (smoothed) one-hot targets, averaged over classes."""
+
+    kind: str = "CE"
+    label_smoothing: float = 0.0
+    reduction: str = "mean"
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        k = logits.shape[-1]
+        if self.kind == "BCE":
+            if target.ndim == 1:
+                off = self.label_smoothing / k
+                target = torch.full_like(logits, off).scatter_(1, target[:, None], 1.0 - self.label_smoothing + off)
+            per = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
+        elif target.ndim == 2:
+            per = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1)
+        else:
+            per = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing, reduction="none")
+        return per.sum() if self.reduction == "sum" else per.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _workers(n: int) -> int:
+    return max(0, min(n, os.cpu_count() or 1))
+
+
+def train_subset(ds: Dataset, num_samples: int | None, seed: int) -> Dataset:
+    """A fixed random subset of ``num_samples`` images (MindCV's ``num_samples``); the whole set when None."""
+    if not num_samples or num_samples >= len(ds):
+        return ds
+    keep = np.random.default_rng(seed).permutation(len(ds))[:num_samples]
+    return Subset(ds, sorted(keep.tolist()))
+
+
+def train_loader(ds: Dataset, cfg: TrainConfig, world: int, rank: int) -> DataLoader:
+    """Seeded, sharded, resumable training loader. ``batch_size`` is per rank."""
+    sampler = ResumableSampler(
+        len(ds),
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        num_replicas=world,
+        rank=rank,
+        repeats=max(1, cfg.aug_repeats),
+        drop_last=False,  # pad so every rank runs the same number of steps (DistributedSampler's default)
+        batch_size=cfg.batch_size,
+    )
+    n = _workers(cfg.num_parallel_workers)
+    return DataLoader(
+        SeededDataset(ds),
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=n,
+        drop_last=cfg.drop_remainder,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+        generator=torch.Generator(),  # workers' base seed must not come from the global RNG (see xcit.sampler)
+        prefetch_factor=4 if n else None,
+    )
+
+
+def val_loader(ds: Dataset, batch_size: int, workers: int, world: int, rank: int) -> DataLoader:
+    """Rank ``r`` of ``W`` gets images ``r, r + W, ...``: shards differ by at most one image and none repeats."""
+    shard = Subset(ds, list(range(rank, len(ds), world)))
+    n = _workers(workers)
+    return DataLoader(
+        shard,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=n,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),
+    )
