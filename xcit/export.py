@@ -1,0 +1,157 @@
+"""Export an XCiT to ONNX, TorchScript or a ``torch.export`` program, and check the result against PyTorch.
+
+Dynamic shapes: the Fourier positional encoding is rebuilt from the patch grid with ``arange`` at every forward, so
+both the batch axis and the spatial axes can stay symbolic. With ``torch.export`` (and the dynamo ONNX exporter
+built on it) height and width are declared as ``patch_size * Dim`` so that the model's "multiple of the patch size"
+check becomes a shape constraint instead of a guard; the legacy TorchScript-based ONNX exporter and
+``torch.jit.trace`` record the size arithmetic as graph ops. All four paths give outputs that match PyTorch for
+other batch sizes and resolutions than the example they were traced with (see ``tests/test_export.py``).
+
+The exported graphs cannot raise the model's friendly error for sizes that are not a multiple of the patch size:
+feed multiples of ``patch_size`` (16 or 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .model import XCiT
+
+log = logging.getLogger("xcit")
+
+FORMATS = ("onnx", "torchscript", "export")
+DEFAULT_OPSET = 18  # ONNX opset written by default; onnxruntime >= 1.14 runs it
+EXPORTERS = ("dynamo", "legacy")
+
+
+def _dims(model: XCiT, dynamic_batch: bool, dynamic_size: bool) -> dict[int, object]:
+    from torch.export import Dim
+
+    dims: dict[int, object] = {}
+    if dynamic_batch:
+        dims[0] = Dim("batch", min=1, max=4096)
+    if dynamic_size:
+        p = model.patch_size
+        # H = p * h: the model's H % p == 0 check is then always true instead of a guard on the example's size
+        dims[2] = p * Dim("grid_h", min=1, max=1024)
+        dims[3] = p * Dim("grid_w", min=1, max=1024)
+    return dims
+
+
+def export_program(
+    model: XCiT, example: torch.Tensor, dynamic_batch: bool = True, dynamic_size: bool = False
+) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` (in eval mode) with optional symbolic batch and spatial axes."""
+    dims = _dims(model, dynamic_batch, dynamic_size)
+    if dynamic_batch and example.shape[0] == 1:  # torch.export specialises size-1 axes: trace with a batch of 2
+        example = example.expand(2, -1, -1, -1)
+    return torch.export.export(model.eval(), (example,), dynamic_shapes={"x": dims or None})
+
+
+def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
+    """``torch.export.save`` to ``path`` (conventionally ``.pt2``); load with ``torch.export.load(path).module()``."""
+    torch.export.save(program, str(path))
+    return Path(path)
+
+
+def export_torchscript(model: XCiT, example: torch.Tensor, path: str | os.PathLike) -> Path:
+    """``torch.jit.trace`` (scripting cannot type the config dataclass); sizes are recorded as ops, so other batch
+    sizes and resolutions run. Load with ``torch.jit.load(path)``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the patch-size check is data-independent
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        traced = torch.jit.trace(model.eval(), (example,))
+    traced.save(str(path))
+    return Path(path)
+
+
+def export_onnx(
+    model: XCiT | torch.export.ExportedProgram,
+    example: torch.Tensor,
+    path: str | os.PathLike,
+    dynamic_batch: bool = True,
+    dynamic_size: bool = False,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write an ONNX graph with input ``image`` (B, C, H, W) and output ``logits`` (B, classes).
+
+    ``exporter="dynamo"`` goes through ``torch.export`` (a given :class:`torch.export.ExportedProgram` is used as
+    is); ``"legacy"`` uses the TorchScript-based exporter. ``metadata`` is stored in the model's
+    ``metadata_props`` (class names, preprocessing).
+    """
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    path = Path(path)
+    names = dict(input_names=["image"], output_names=["logits"], opset_version=opset)
+    for name in ("onnxscript", "onnx_ir"):  # their INFO lines list every folded constant
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if exporter == "dynamo":
+        if isinstance(model, torch.export.ExportedProgram):
+            program = model
+        else:
+            program = export_program(model, example, dynamic_batch, dynamic_size)
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, verbose=False, **names)
+        onnx_program.save(str(path))
+    else:
+        axes = {0: "batch"} if dynamic_batch else {}
+        if dynamic_size:
+            axes.update({2: "height", 3: "width"})
+        dynamic_axes = {"image": axes, "logits": {0: "batch"} if dynamic_batch else {}} if axes else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the patch-size check is data-independent
+            torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, dynamic_axes=dynamic_axes, **names)
+    if metadata:
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
+        onnx.save(proto, str(path))
+    return path
+
+
+def onnx_opset(path: str | os.PathLike) -> int:
+    """The default-domain opset an ONNX file was written with."""
+    import onnx
+
+    return next(
+        o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")
+    )
+
+
+def load_exported(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running an exported file with its own runtime (onnxruntime, torch.jit, torch.export)."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+            module = torch.jit.load(str(path), map_location="cpu")
+        return lambda x: module(x).detach()
+    if fmt == "export":
+        module = torch.export.load(str(path)).module()
+        return lambda x: module(x).detach()
+    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """Run an exported file once on ``x``."""
+    return load_exported(path, fmt)(x)
+
+
+def verify(path: str | os.PathLike, fmt: str, model: XCiT, inputs: list[torch.Tensor]) -> list[float]:
+    """Max absolute logit difference between the exported file and ``model`` for each input."""
+    run = load_exported(path, fmt)
+    with torch.no_grad():
+        return [float((run(x) - model.eval()(x)).abs().max()) for x in inputs]
