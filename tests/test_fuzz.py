@@ -258,3 +258,101 @@ def test_empty_and_truncated_images_are_named():
         load_rgb(_write(".jpg", b""))
     with pytest.raises(ImageError, match="fuzz.jpg: cannot decode image"):
         load_rgb(_write(".jpg", IMAGE_SEEDS[".jpg"][: len(IMAGE_SEEDS[".jpg"]) // 2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------------
+
+_TRICKY = [
+    "True",
+    "none",
+    "[1, 2",
+    "{a: 1",
+    "1e-5",
+    "nan",
+    "-inf",
+    "1e999",
+    "[0.1, nan]",
+    "{embed_dim: 64}",
+    "- -",
+    "\x83",
+]
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(), st.text(max_size=16), st.sampled_from(_TRICKY)
+)
+_VALUES = st.recursive(
+    _SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=2)
+)
+
+
+def _config_keys():
+    from xcit.config import KEYS
+
+    return st.one_of(st.sampled_from(KEYS), st.text(max_size=12))
+
+
+def _check_config(make):
+    import math
+
+    from xcit.config import ConfigError
+
+    try:
+        cfg = make()
+    except ConfigError as e:
+        assert str(e)
+        return
+    for value in cfg.to_dict().values():  # a config that validates holds only finite numbers
+        for x in value if isinstance(value, list) else [value]:
+            assert not (isinstance(x, float) and not math.isfinite(x)), cfg
+
+
+@pytest.mark.timeout(90)
+@FUZZ
+@given(st.dictionaries(st.deferred(_config_keys), _VALUES, max_size=3))
+def test_config_values_give_clean_errors(values):
+    from xcit.config import config_from_dict
+
+    _check_config(lambda: config_from_dict(values))
+
+
+@pytest.mark.timeout(90)
+@FUZZ
+@given(st.one_of(st.text(max_size=200), st.dictionaries(st.deferred(_config_keys), _VALUES, max_size=3)))
+def test_config_yaml_files_give_clean_errors(content):
+    import yaml
+
+    from xcit.config import load_config
+
+    text = content if isinstance(content, str) else yaml.safe_dump(content)
+    p = _DIR / "fuzz.yaml"
+    p.write_text(text, encoding="utf-8", errors="surrogatepass")
+    _check_config(lambda: load_config(["-c", str(p)])[0])
+
+
+@pytest.mark.timeout(90)
+@FUZZ
+@given(st.lists(st.one_of(st.deferred(_config_keys).map(lambda k: f"--{k}"), st.text(max_size=10)), max_size=4))
+def test_config_flags_give_clean_errors(argv):
+    from xcit.config import load_config
+
+    try:
+        _check_config(lambda: load_config(argv)[0])
+    except SystemExit as e:  # argparse's own usage error (e.g. a flag without its value): exit status 2
+        assert e.code == 2
+
+
+def test_non_finite_numbers_and_broken_yaml_lists_are_config_errors():
+    from xcit.config import _TYPES, ConfigError, config_from_dict
+
+    numeric = [k for k, tp in _TYPES.items() if "float" in str(tp)]
+    listy = [k for k, tp in _TYPES.items() if any(s in str(tp) for s in ("list", "tuple", "dict"))]
+    assert "lr" in numeric and "mean" in listy and "model_overrides" in listy
+    for key in numeric:
+        for bad in ("nan", "inf", float("nan"), float("-inf"), "1e999"):
+            with pytest.raises(ConfigError, match=repr(key)):
+                config_from_dict({key: bad})
+    for key in listy:
+        for bad in ("[1, 2", "{a: 1", "\x83", "!!python/object:os.system x"):
+            with pytest.raises(ConfigError, match=repr(key)):
+                config_from_dict({key: bad})

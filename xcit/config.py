@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -268,7 +269,10 @@ def _convert(value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
-        return float(value)  # also parses "1e-5", which YAML 1.1 leaves as a string
+        number = float(value)  # also parses "1e-5", which YAML 1.1 leaves as a string
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"expected a string, got {value!r}")
@@ -307,7 +311,7 @@ def _set(values: dict[str, Any], key: str, raw: Any, where: str) -> None:
         raise _unknown(key, where)
     try:
         values[key] = _convert(raw, _TYPES[key])
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, yaml.YAMLError) as e:  # list/dict values given as text are parsed as YAML
         raise ConfigError(f"{where}: bad value for {key!r}: {e}") from None
 
 
