@@ -135,31 +135,19 @@ def _checkpoint_preprocessing(path: Path) -> dict:
 
 
 def eval_transform(preprocessing: dict) -> Callable:
-    """PIL image -> normalised tensor, the same transform ``xcit validate`` uses for these settings."""
-    size = int(preprocessing["input_size"][-1])
-    try:
-        from .data import build_eval_transform
-    except ImportError:
-        build_eval_transform = None
-    if build_eval_transform is not None:
-        return build_eval_transform(
-            size,
-            interpolation=preprocessing["interpolation"],
-            crop_pct=preprocessing["crop_pct"],
-            mean=preprocessing["mean"],
-            std=preprocessing["std"],
-        )
-    from torchvision import transforms as T
+    """PIL image -> normalised tensor: :func:`xcit.data.eval_transform`, the transform ``xcit validate`` applies,
+    built for these settings (resize to ``size / crop_pct``, centre crop, normalise)."""
+    from .config import TrainConfig
+    from .data import eval_transform as build
 
-    interp = T.InterpolationMode(preprocessing["interpolation"])
-    return T.Compose(
-        [
-            T.Resize(int(size / preprocessing["crop_pct"]), interpolation=interp),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(preprocessing["mean"], preprocessing["std"]),
-        ]
+    cfg = TrainConfig(
+        image_resize=int(preprocessing["input_size"][-1]),
+        interpolation=preprocessing["interpolation"],
+        crop_pct=float(preprocessing["crop_pct"]),
+        mean=list(preprocessing["mean"]),
+        std=list(preprocessing["std"]),
     )
+    return build(cfg)
 
 
 @lru_cache(maxsize=1)
@@ -240,7 +228,9 @@ def predict(
     k = min(topk, model.num_classes)
     results: list[Prediction] = []
     errors: list[tuple[str, str]] = []
-    bar = tqdm(total=len(files), unit="img", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(files), unit="img", disable=None if progress else True, leave=False
+    )  # None: off when not a TTY
     for paths, x in _load_batches(files, transform, batch_size, errors):
         probs = model(x.to(device)).float().softmax(dim=-1).cpu()
         p, idx = probs.topk(k, dim=-1)

@@ -1,0 +1,66 @@
+"""``xcit predict IMAGE_OR_DIR...``: top-k class names for images, with the evaluation transform of validation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ..predict import class_names, eval_preprocessing, eval_transform, find_images, load_model, predict
+
+log = logging.getLogger("xcit")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xcit predict",
+        description="Top-k predictions for image files and folders (searched recursively). Images are resized and "
+        "centre-cropped exactly as `xcit validate` does (the settings recorded in a training checkpoint, else the "
+        "model's defaults). Unreadable files are reported and skipped.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--model", help="architecture (default: the one recorded in --pretrained)")
+    p.add_argument("--pretrained", help="weights file (any supported format) or save_pretrained folder")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, help="evaluation resolution (default: the checkpoint's / model's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON document (predictions and errors)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    model = load_model(args.model, args.pretrained, use_ema=args.ema)
+    prep = eval_preprocessing(model, args.pretrained, args.img_size)
+    transform = eval_transform(prep)
+    files = find_images(args.inputs)
+    if not files:
+        log.error("no images found in %s", " ".join(args.inputs))
+        return 1
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    progress = any(Path(p).is_dir() for p in args.inputs)
+    results, errors = predict(
+        model, files, transform, class_names(model), args.topk, args.batch_size, device, progress=progress
+    )
+
+    if args.json:
+        doc = {
+            "model": model.name,
+            "preprocessing": {k: prep[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")},
+            "predictions": [r.to_dict() for r in results],
+            "errors": [{"path": p, "error": e} for p, e in errors],
+        }
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        for r in results:
+            print(f"{r.path}: " + ", ".join(f"{name} ({prob:.3f})" for _, name, prob in r.topk))
+    if errors:
+        log.warning("%d of %d files could not be read and were skipped", len(errors), len(files))
+    return 0 if results else 1
