@@ -122,6 +122,7 @@ def test_seed_files_are_valid():
             assert read(p) is not None
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # a mutated protocol byte
 @pytest.mark.timeout(90)
 @FUZZ
 @given(mutated(WEIGHT_SEEDS))
@@ -132,6 +133,7 @@ def test_mutated_weight_files_give_clean_errors(case):
         _expect_clean(read, p)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # a mutated protocol byte
 @pytest.mark.timeout(90)
 @FUZZ
 @given(st.sampled_from(sorted(WEIGHT_SEEDS)), st.binary(max_size=2048))
@@ -356,3 +358,24 @@ def test_non_finite_numbers_and_broken_yaml_lists_are_config_errors():
         for bad in ("[1, 2", "{a: 1", "\x83", "!!python/object:os.system x"):
             with pytest.raises(ConfigError, match=repr(key)):
                 config_from_dict({key: bad})
+
+
+@pytest.mark.timeout(90)
+@settings(FUZZ, max_examples=25)
+@given(mutated(IMAGE_SEEDS))
+def test_training_image_folder_skips_or_decodes_broken_files(case):
+    """Through the training data path: a broken file is skipped at scan time or replaced at load time."""
+    from xcit.data import ImageFolderRGB
+
+    suffix, data = case
+    cls = _DIR / "folder" / "a"
+    cls.mkdir(parents=True, exist_ok=True)
+    for old in cls.iterdir():
+        old.unlink()
+    (cls / f"broken{suffix}").write_bytes(data)
+    (cls / "good.png").write_bytes(IMAGE_SEEDS[".png"])
+    ds = ImageFolderRGB(_DIR / "folder")
+    assert 1 <= len(ds) <= 2 and len(ds) + len(ds.skipped_files) == 2
+    for i in range(len(ds)):
+        img, label = ds[i]
+        assert img.mode == "RGB" and label == 0
