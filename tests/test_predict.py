@@ -1,0 +1,119 @@
+"""xcit predict: same predictions as the validation path, class names, batching, bad files skipped."""
+
+import json
+
+import pytest
+import torch
+
+import xcit
+from xcit.commands import predict as predict_cmd
+from xcit.config import TrainConfig
+from xcit.data import build_datasets, val_loader
+from xcit.demo import write_digits
+from xcit.evaluate import evaluate
+from xcit.predict import class_names, imagenet_class_names, load_model
+
+from .conftest import perturb_
+
+ARCH = "xcit_nano_12_p8_224"
+OVERRIDES = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return write_digits(tmp_path_factory.mktemp("digits") / "d", classes=4, per_class=15)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(digits, tmp_path_factory):
+    """A training checkpoint as `xcit train` writes it: weights, architecture, classes and the resolved config."""
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model(ARCH, num_classes=4, **OVERRIDES), seed=5)
+    cfg = TrainConfig(
+        data_dir=str(digits),
+        model=ARCH,
+        model_overrides=dict(OVERRIDES),
+        image_resize=32,
+        interpolation="bicubic",
+        crop_pct=0.875,  # resize to 36, centre-crop 32: predict must crop the same way
+        mean=[0.5, 0.5, 0.5],
+        std=[0.5, 0.5, 0.5],
+        num_parallel_workers=0,
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "demo.pth"
+    classes = ["0", "1", "2", "3"]
+    torch.save({"model": model.state_dict(), "arch": ARCH, "classes": classes, "config": cfg.to_dict()}, path)
+    return path, cfg, model.eval()
+
+
+def _predict_json(argv, capsys) -> dict:
+    assert predict_cmd.main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_predict_matches_validation_path(checkpoint, digits, capsys):
+    path, cfg, model = checkpoint
+    doc = _predict_json([str(digits / "val"), "--pretrained", str(path), "--topk", "2", "--batch-size", "5"], capsys)
+    assert doc["model"] == ARCH and doc["errors"] == []
+    assert doc["preprocessing"]["crop_pct"] == 0.875 and doc["preprocessing"]["interpolation"] == "bicubic"
+
+    # the validation code path: checked ImageFolder + eval transform + sharded loader + evaluate()
+    _, val = build_datasets(cfg, classes=["0", "1", "2", "3"], need_train=False)
+    loader = val_loader(val, batch_size=7, workers=0, world=1, rank=0)
+    with torch.no_grad():
+        logits = torch.cat([model(x) for x, _ in loader])
+    probs, top1 = logits.softmax(-1).max(-1)
+    by_path = {p["path"]: p["topk"][0] for p in doc["predictions"]}
+    assert len(by_path) == len(val.samples) == 12
+    for (file, _), i, p in zip(val.samples, top1.tolist(), probs.tolist()):
+        assert by_path[str(file)]["index"] == i
+        assert by_path[str(file)]["label"] == str(i)
+        assert by_path[str(file)]["prob"] == pytest.approx(p, abs=1e-5)
+
+    metrics = evaluate(model, loader, torch.device("cpu"))
+    hits = sum(by_path[str(f)]["index"] == y for f, y in val.samples)
+    assert metrics["top1"] == pytest.approx(100.0 * hits / len(val.samples))
+
+
+def test_architecture_and_classes_from_checkpoint(checkpoint):
+    path, _, model = checkpoint
+    loaded = load_model(None, path)
+    assert loaded.name == ARCH and loaded.cfg.embed_dim == 32 and loaded.cfg.depth == 2
+    assert class_names(loaded) == ["0", "1", "2", "3"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_architecture_from_shapes_without_config(tmp_path):
+    """A bare state dict of a modified architecture still loads: the shapes give embed_dim, depth, heads."""
+    m = xcit.create_model(ARCH, num_classes=3, **OVERRIDES)
+    torch.save(m.state_dict(), tmp_path / "bare.pth")
+    loaded = load_model(ARCH, tmp_path / "bare.pth")
+    assert (loaded.cfg.embed_dim, loaded.cfg.depth, loaded.cfg.num_heads, loaded.num_classes) == (32, 2, 2, 3)
+    with pytest.raises(ValueError, match="pass --model"):
+        load_model(None, tmp_path / "bare.pth")
+
+
+def test_imagenet_names_and_bad_files(digits, tmp_path, capsys):
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench, Tinca tinca" and names[207] == "golden retriever"
+    m = xcit.create_model(ARCH, num_classes=1000, **OVERRIDES)
+    m.save_pretrained(tmp_path / "m")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = sorted((digits / "val" / "1").iterdir())[:3]
+    for i, f in enumerate(good):
+        (folder / f"{i}.png").write_bytes(f.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "html.jpg").write_text("<html>not found</html>")
+    doc = _predict_json([str(folder), str(tmp_path / "missing.png"), "--pretrained", str(tmp_path / "m")], capsys)
+    assert [p["path"].rsplit("/", 1)[1] for p in doc["predictions"]] == ["0.png", "1.png", "2.png"]
+    assert all(len(p["topk"]) == 5 and p["topk"][0]["label"] in names for p in doc["predictions"])
+    failed = {e["path"].rsplit("/", 1)[1]: e["error"] for e in doc["errors"]}
+    assert set(failed) == {"empty.jpg", "html.jpg", "missing.png"} and "empty" in failed["empty.jpg"]
+
+    assert predict_cmd.main([str(folder / "empty.jpg"), "--pretrained", str(tmp_path / "m")]) == 1
+    assert predict_cmd.main([str(folder / "0.png"), "--pretrained", str(tmp_path / "m"), "--topk", "1"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(folder / "0.png") + ": ") and line.split(": ", 1)[1].split(" (")[0] in names
