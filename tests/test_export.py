@@ -88,3 +88,24 @@ def test_export_command_on_a_training_checkpoint(model, tmp_path, caplog):
         export_cmd.main(["--format", "export", "--pretrained", str(ckpt), "--out", str(tmp_path / "m.onnx")])
     with pytest.raises(ValueError, match="multiple of the patch size"):
         export_cmd.main(["--pretrained", str(ckpt), "--out", str(out), "--img-size", "40"])
+
+
+@pytest.mark.parametrize("fmt", ["hub", "timm"])
+def test_export_command_hub_and_timm(model, tmp_path, caplog, fmt):
+    """A training checkpoint (with its recorded preprocessing) -> hub folder / timm file, checked by the command."""
+    from xcit.config import TrainConfig
+
+    cfg = TrainConfig(image_resize=32, interpolation="bicubic", crop_pct=0.9, mean=[0.5] * 3, std=[0.5] * 3)
+    ckpt = tmp_path / "ckpt.pth"
+    state = {"model": model.state_dict(), "arch": "xcit_nano_12_p16_224", "classes": list("abcdefghij")}
+    torch.save({**state, "config": cfg.to_dict()}, ckpt)
+    out = tmp_path / ("folder" if fmt == "hub" else "timm.safetensors")
+    with caplog.at_level("INFO", logger="xcit"):
+        assert export_cmd.main(["--format", fmt, "--pretrained", str(ckpt), "--out", str(out)]) == 0
+    assert "(1, 3, 48, 64)" in caplog.text  # another resolution was checked too
+    if fmt == "hub":
+        config = json.loads((out / "config.json").read_text())
+        assert config["pretrained_cfg"]["crop_pct"] == 0.9 and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+        assert config["label_names"] == list("abcdefghij")
+        loaded = xcit.from_pretrained(out)
+        assert torch.equal(loaded.head.weight, model.head.weight)

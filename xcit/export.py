@@ -126,8 +126,21 @@ def onnx_opset(path: str | os.PathLike) -> int:
     )
 
 
-def load_exported(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function running an exported file with its own runtime (onnxruntime, torch.jit, torch.export)."""
+def load_exported(
+    path: str | os.PathLike, fmt: str, model: XCiT | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function running an exported file with its own runtime (onnxruntime, torch.jit, torch.export, timm, or
+    :func:`xcit.from_pretrained` for a hub folder). ``timm`` needs the source ``model`` for its architecture."""
+    if fmt == "hub":
+        from .hub import from_pretrained
+
+        loaded = from_pretrained(path)
+        return lambda x: loaded(x).detach()
+    if fmt == "timm":
+        from .hub import timm_model
+
+        loaded = timm_model(path, model)
+        return lambda x: loaded(x).detach()
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -142,7 +155,7 @@ def load_exported(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor],
     if fmt == "export":
         module = torch.export.load(str(path)).module()
         return lambda x: module(x).detach()
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    raise ValueError(f"format must be one of {FORMATS}, 'hub' or 'timm', got {fmt!r}")
 
 
 def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +165,6 @@ def run_exported(path: str | os.PathLike, fmt: str, x: torch.Tensor) -> torch.Te
 
 def verify(path: str | os.PathLike, fmt: str, model: XCiT, inputs: list[torch.Tensor]) -> list[float]:
     """Max absolute logit difference between the exported file and ``model`` for each input."""
-    run = load_exported(path, fmt)
+    run = load_exported(path, fmt, model)
     with torch.no_grad():
         return [float((run(x) - model.eval()(x)).abs().max()) for x in inputs]

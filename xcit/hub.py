@@ -53,28 +53,17 @@ _TIMM_ARGS = (
 
 
 def default_pretrained_cfg(model: XCiT, img_size: int | None = None) -> dict:
-    """timm-style preprocessing for a model: the eval transform :mod:`xcit.data` uses for validation when
-    available, else the official recipe (bicubic, crop 0.875 at 224, 1.0 at 384 as timm records it)."""
+    """timm-style preprocessing of the official weights: bicubic, ImageNet mean/std, and a full centre crop
+    (crop_pct 1.0: the official README's results use ``--full_crop``; timm records the same)."""
     size = img_size or model.cfg.img_size
-    try:
-        from .data import eval_data_config  # the training side's single source of eval preprocessing
-
-        data_cfg = dict(eval_data_config(size))
-    except ImportError:
-        data_cfg = {
-            "interpolation": "bicubic",
-            "crop_pct": 0.875 if size < 384 else 1.0,
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
-        }
     return {
         "architecture": model.name,
         "input_size": (model.cfg.in_chans, size, size),
-        "interpolation": data_cfg["interpolation"],
-        "crop_pct": float(data_cfg["crop_pct"]),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
         "crop_mode": "center",
-        "mean": tuple(float(m) for m in data_cfg["mean"]),
-        "std": tuple(float(s) for s in data_cfg["std"]),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
         "num_classes": model.num_classes,
         "fixed_input_size": False,  # the Fourier encoding is recomputed per grid: any multiple of the patch works
         "first_conv": "patch_embed.proj.0.0",
@@ -215,3 +204,14 @@ def export_timm(model: XCiT, path: str | os.PathLike) -> Path:
     else:
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
     return path
+
+
+def timm_model(path: str | os.PathLike, model: XCiT):
+    """The timm model a timm user gets for weights written by :func:`export_timm` from ``model`` (``model_args``
+    carry any architecture change from the named variant)."""
+    import timm
+
+    k = model.num_classes
+    args = hub_config(model).get("model_args", {})
+    overlay = dict(file=str(path), num_classes=k)  # without num_classes here timm drops a head of another size
+    return timm.create_model(model.name, pretrained=True, num_classes=k, pretrained_cfg_overlay=overlay, **args).eval()

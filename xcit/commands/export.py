@@ -19,6 +19,7 @@ from ..export import (
     save_program,
     verify,
 )
+from ..hub import export_timm, save_pretrained
 from ..predict import class_names, eval_preprocessing, load_model
 
 log = logging.getLogger("xcit")
@@ -27,11 +28,17 @@ log = logging.getLogger("xcit")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xcit export",
-        description="Export to ONNX (checked with onnxruntime), TorchScript (traced) or a torch.export program "
-        "(.pt2). The exported file is run on the example input, and on another batch size / resolution when those "
-        "axes are dynamic, and compared with PyTorch.",
+        description="Export to ONNX (checked with onnxruntime), TorchScript (traced), a torch.export program "
+        "(.pt2), a hub-style folder or a timm checkpoint. The exported file is run on the example input, and on "
+        "another batch size / resolution when those axes are dynamic, and compared with PyTorch.",
     )
-    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument(
+        "--format",
+        choices=(*FORMATS, "hub", "timm"),
+        default="onnx",
+        help="onnx | torchscript | export (torch.export .pt2) | hub (save_pretrained folder with the checkpoint's "
+        "preprocessing) | timm (bare timm-layout .safetensors/.pth) (default: %(default)s)",
+    )
     p.add_argument("--model", help="architecture (default: the one recorded in --pretrained)")
     p.add_argument("--pretrained", help="weights file or save_pretrained folder (omit for random weights)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a training checkpoint")
@@ -56,27 +63,32 @@ def main(argv: list[str] | None = None) -> int:
     H, W = (args.img_size * 2)[:2] if args.img_size else prep["input_size"][1:]
     p = model.patch_size
     model.check_input(torch.empty(1, model.cfg.in_chans, H, W))  # friendly error for sizes off the patch grid
+    preprocessing = {k: prep[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
     example = torch.randn(args.batch_size, model.cfg.in_chans, H, W, generator=torch.Generator().manual_seed(0))
 
     if args.format == "onnx":
         meta = {
             "architecture": model.name,
             "class_names": json.dumps(class_names(model)),
-            "preprocessing": json.dumps(
-                {k: prep[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
-            ),
+            "preprocessing": json.dumps(preprocessing),
         }
         export_onnx(model, example, args.out, args.dynamic_batch, args.dynamic_size, args.opset, args.exporter, meta)
     elif args.format == "torchscript":
         export_torchscript(model, example, args.out)
-    else:
+    elif args.format == "export":
         save_program(export_program(model, example, args.dynamic_batch, args.dynamic_size), args.out)
+    elif args.format == "hub":
+        save_pretrained(
+            model, args.out, {k: prep[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
+        )
+    else:
+        export_timm(model, args.out)
 
     # check the file with its own runtime on the example and on the shapes it claims to accept
     checks = [example]
-    if args.dynamic_batch or args.format == "torchscript":
+    if args.dynamic_batch or args.format in ("torchscript", "hub", "timm"):
         checks.append(torch.randn(args.batch_size + 2, model.cfg.in_chans, H, W))
-    if args.dynamic_size or args.format == "torchscript":
+    if args.dynamic_size or args.format in ("torchscript", "hub", "timm"):
         checks.append(torch.randn(1, model.cfg.in_chans, H + p, W + 2 * p))
     diffs = verify(args.out, args.format, model, checks)
     shapes = ", ".join(f"{tuple(x.shape)}: {d:.2e}" for x, d in zip(checks, diffs))
