@@ -1,16 +1,18 @@
 """xcit predict: same predictions as the validation path, class names, batching, bad files skipped."""
 
 import json
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
 
 import xcit
+from xcit.checkpoint import save_checkpoint
 from xcit.commands import predict as predict_cmd
 from xcit.config import TrainConfig
 from xcit.data import build_datasets, val_loader
 from xcit.demo import write_digits
-from xcit.evaluate import evaluate
 from xcit.predict import class_names, imagenet_class_names, load_model
 
 from .conftest import perturb_
@@ -26,9 +28,10 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(digits, tmp_path_factory):
-    """A training checkpoint as `xcit train` writes it: weights, architecture, classes and the resolved config."""
+    """A checkpoint shaped as `xcit train` writes it: weights and EMA weights, architecture, classes, config."""
     torch.manual_seed(0)
-    model = perturb_(xcit.create_model(ARCH, num_classes=4, **OVERRIDES), seed=5)
+    model = perturb_(xcit.create_model(ARCH, num_classes=4, **OVERRIDES), seed=5).eval()
+    ema = perturb_(xcit.create_model(ARCH, num_classes=4, **OVERRIDES), seed=6).eval()
     cfg = TrainConfig(
         data_dir=str(digits),
         model=ARCH,
@@ -39,11 +42,13 @@ def checkpoint(digits, tmp_path_factory):
         mean=[0.5, 0.5, 0.5],
         std=[0.5, 0.5, 0.5],
         num_parallel_workers=0,
+        batch_size=7,
     )
-    path = tmp_path_factory.mktemp("ckpt") / "demo.pth"
-    classes = ["0", "1", "2", "3"]
-    torch.save({"model": model.state_dict(), "arch": ARCH, "classes": classes, "config": cfg.to_dict()}, path)
-    return path, cfg, model.eval()
+    path = tmp_path_factory.mktemp("ckpt") / "best.pth"
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "config": cfg.to_dict(), "arch": ARCH}
+    state |= {"classes": ["0", "1", "2", "3"], "model_config": asdict(model.cfg), "flavour": "official"}
+    save_checkpoint(path, state)
+    return path, cfg, ema, model
 
 
 def _predict_json(argv, capsys) -> dict:
@@ -51,38 +56,54 @@ def _predict_json(argv, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_predict_matches_validation_path(checkpoint, digits, capsys):
-    path, cfg, model = checkpoint
-    doc = _predict_json([str(digits / "val"), "--pretrained", str(path), "--topk", "2", "--batch-size", "5"], capsys)
-    assert doc["model"] == ARCH and doc["errors"] == []
-    assert doc["preprocessing"]["crop_pct"] == 0.875 and doc["preprocessing"]["interpolation"] == "bicubic"
-
-    # the validation code path: checked ImageFolder + eval transform + sharded loader + evaluate()
+def _validation_logits(cfg, model) -> tuple[list, torch.Tensor]:
+    """The validation data path: checked ImageFolder + eval transform + sharded loader."""
     _, val = build_datasets(cfg, classes=["0", "1", "2", "3"], need_train=False)
     loader = val_loader(val, batch_size=7, workers=0, world=1, rank=0)
     with torch.no_grad():
-        logits = torch.cat([model(x) for x, _ in loader])
+        return val.samples, torch.cat([model(x) for x, _ in loader])
+
+
+def test_predict_matches_validation_path(checkpoint, digits, capsys):
+    path, cfg, ema, model = checkpoint
+    doc = _predict_json([str(digits / "val"), "--pretrained", str(path), "--topk", "2", "--batch-size", "5"], capsys)
+    assert doc["model"] == ARCH and doc["errors"] == []
+    assert doc["preprocessing"]["crop_pct"] == 0.875 and doc["preprocessing"]["interpolation"] == "bicubic"
+    samples, logits = _validation_logits(cfg, ema)  # validation scores the EMA weights when present
     probs, top1 = logits.softmax(-1).max(-1)
     by_path = {p["path"]: p["topk"][0] for p in doc["predictions"]}
-    assert len(by_path) == len(val.samples) == 12
-    for (file, _), i, p in zip(val.samples, top1.tolist(), probs.tolist()):
+    assert len(by_path) == len(samples) == 12
+    for (file, _), i, p in zip(samples, top1.tolist(), probs.tolist()):
         assert by_path[str(file)]["index"] == i
         assert by_path[str(file)]["label"] == str(i)
         assert by_path[str(file)]["prob"] == pytest.approx(p, abs=1e-5)
 
-    metrics = evaluate(model, loader, torch.device("cpu"))
-    hits = sum(by_path[str(f)]["index"] == y for f, y in val.samples)
-    assert metrics["top1"] == pytest.approx(100.0 * hits / len(val.samples))
+    raw = _predict_json([str(digits / "val"), "--pretrained", str(path), "--no-ema"], capsys)
+    _, raw_logits = _validation_logits(cfg, model)
+    assert [p["topk"][0]["prob"] for p in raw["predictions"]] == pytest.approx(
+        raw_logits.softmax(-1).max(-1).values.tolist(), abs=1e-5
+    )
+
+
+def test_predict_top1_equals_validate(checkpoint, digits, capsys):
+    """`xcit validate`'s top-1 on the val split equals the accuracy of predict's top-1 on the same files."""
+    evaluate = pytest.importorskip("xcit.evaluate")
+    path, cfg, _, _ = checkpoint
+    result = evaluate.validate(replace(cfg, ckpt_path=str(path)))
+    doc = _predict_json([str(digits / "val"), "--pretrained", str(path)], capsys)
+    hits = [int(p["topk"][0]["label"] == Path(p["path"]).parent.name) for p in doc["predictions"]]
+    assert result["num_images"] == len(hits) == 12
+    assert result["top1"] == pytest.approx(100.0 * sum(hits) / len(hits))
 
 
 def test_architecture_and_classes_from_checkpoint(checkpoint):
-    path, _, model = checkpoint
+    path, _, ema, _ = checkpoint
     loaded = load_model(None, path)
     assert loaded.name == ARCH and loaded.cfg.embed_dim == 32 and loaded.cfg.depth == 2
     assert class_names(loaded) == ["0", "1", "2", "3"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
+        assert torch.equal(loaded(x), ema(x))
 
 
 def test_architecture_from_shapes_without_config(tmp_path):

@@ -32,13 +32,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_model(name: str | None, pretrained: str | os.PathLike | None, use_ema: bool = False, **overrides) -> XCiT:
+def load_model(
+    name: str | None, pretrained: str | os.PathLike | None, use_ema: bool | None = None, **overrides
+) -> XCiT:
     """Build ``name`` with ``pretrained`` weights (any supported file, or a ``save_pretrained`` folder).
 
     Without ``name`` the architecture recorded in the weights (training checkpoints, our safetensors, hub
-    folders) is used. Architectures changed at training time (``model_overrides``, e.g. a smaller ``depth``) are
-    rebuilt from the checkpoint's recorded config, else from the weights' shapes. Without ``pretrained`` the
-    weights are random (logged as a warning).
+    folders) is used. A training checkpoint rebuilds its recorded architecture (``model_config``, overrides
+    included); other files take what their shapes pin down (width, depth, heads, patch). ``use_ema=None`` takes
+    a checkpoint's EMA weights when it has them, as ``xcit validate`` does. Without ``pretrained`` the weights
+    are random (logged as a warning).
     """
     from .hub import from_pretrained
     from .variants import create_model, get_config
@@ -54,12 +57,13 @@ def load_model(name: str | None, pretrained: str | os.PathLike | None, use_ema: 
             raise ValueError("give --model NAME (and --pretrained PATH for trained weights)")
         log.warning("no --pretrained weights: %s is randomly initialised", name)
         return create_model(name, **overrides).eval()
-    w = read_weights(pretrained, use_ema=use_ema)
+    ckpt = checkpoint_meta(Path(pretrained))
+    w = read_weights(pretrained, use_ema=ckpt["has_ema"] if use_ema is None else use_ema)
     name = name or w.arch
     if name is None:
         raise ValueError(f"{pretrained} does not record its architecture: pass --model NAME")
-    train_cfg = checkpoint_config(Path(pretrained))
-    arch = {**shape_overrides(w.state_dict, get_config(name)), **train_cfg.get("model_overrides", {}), **overrides}
+    recorded = {k: v for k, v in ckpt["model_config"].items() if k not in ("num_classes", "drop_path_rate")}
+    arch = {**shape_overrides(w.state_dict, get_config(name)), **recorded, **overrides}
     arch.setdefault("flavour", w.flavour)
     model = create_model(name, num_classes=w.num_classes or 1000, **arch)
     load_state_dict_checked(model, w.state_dict, source=pretrained)
@@ -85,16 +89,21 @@ def shape_overrides(sd: dict[str, torch.Tensor], cfg) -> dict:
     return {k: type(getattr(cfg, k))(v) for k, v in found.items() if v != getattr(cfg, k)}
 
 
-def checkpoint_config(path: Path) -> dict:
-    """The training config ``xcit train`` recorded in a checkpoint (``{}`` for other files)."""
+def checkpoint_meta(path: Path) -> dict:
+    """What ``xcit train`` records in a checkpoint besides weights: ``config`` (the resolved training config),
+    ``model_config`` (the architecture) and whether it holds EMA weights. Empty entries for other files."""
+    meta = {"config": {}, "model_config": {}, "has_ema": False}
     if path.suffix not in (".pth", ".pt", ".bin") or not path.is_file():
-        return {}
+        return meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors are not read
     except Exception:  # noqa: BLE001 - not a torch zip file; the weights reader reports real problems
-        return {}
-    conf = obj.get("config") if isinstance(obj, dict) else None
-    return conf if isinstance(conf, dict) else {}
+        return meta
+    if isinstance(obj, dict):
+        for key in ("config", "model_config"):
+            meta[key] = obj[key] if isinstance(obj.get(key), dict) else {}
+        meta["has_ema"] = any(isinstance(obj.get(k), dict) and obj[k] for k in ("ema", "model_ema", "state_dict_ema"))
+    return meta
 
 
 def eval_preprocessing(model: XCiT, pretrained: str | os.PathLike | None = None, img_size: int | None = None) -> dict:
@@ -117,7 +126,7 @@ def eval_preprocessing(model: XCiT, pretrained: str | os.PathLike | None = None,
 
 def _checkpoint_preprocessing(path: Path) -> dict:
     """Preprocessing recorded by ``xcit train`` in a checkpoint's config (empty for other files)."""
-    conf = checkpoint_config(path)
+    conf = checkpoint_meta(path)["config"]
     if not conf:
         return {}
     from .config import TrainConfig

@@ -26,7 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--model", help="architecture (default: the one recorded in --pretrained)")
     p.add_argument("--pretrained", help="weights file or save_pretrained folder")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument(
+        "--no-ema",
+        dest="ema",
+        action="store_false",
+        default=None,
+        help="use the raw weights of a training checkpoint (default: its EMA weights when present, as validate)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--img-size",

@@ -41,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="architecture (default: the one recorded in --pretrained)")
     p.add_argument("--pretrained", help="weights file or save_pretrained folder (omit for random weights)")
-    p.add_argument("--ema", action="store_true", help="export the EMA weights of a training checkpoint")
+    p.add_argument(
+        "--no-ema",
+        dest="ema",
+        action="store_false",
+        default=None,
+        help="use the raw weights of a training checkpoint (default: its EMA weights when present, as validate)",
+    )
     p.add_argument("--out", required=True, help="output file (.onnx, .pt, .pt2)")
     p.add_argument("--img-size", type=int, nargs="+", metavar="N", help="H [W] of the example input (default: model's)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input")

@@ -25,7 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--model", help="architecture (default: the one recorded in --pretrained)")
     p.add_argument("--pretrained", help="weights file (any supported format) or save_pretrained folder")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument(
+        "--no-ema",
+        dest="ema",
+        action="store_false",
+        default=None,
+        help="use the raw weights of a training checkpoint (default: its EMA weights when present, as validate)",
+    )
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, help="evaluation resolution (default: the checkpoint's / model's)")
