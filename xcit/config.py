@@ -497,13 +497,16 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_config(
-    argv: list[str] | None = None, prog: str = "xcit train", base: dict[str, Any] | None = None
+    argv: list[str] | None = None,
+    prog: str = "xcit train",
+    base: dict[str, Any] | None = None,
+    description: str | None = None,
 ) -> tuple[TrainConfig, set[str]]:
     """Defaults <- ``base`` <- YAML (``-c``) <- flags. Returns the checked config and the keys set explicitly.
 
     ``base`` holds defaults of a built-in recipe (the demo) that a YAML and flags still override.
     """
-    parser = build_parser(prog, __doc__.split("\n\n")[0])
+    parser = build_parser(prog, description or __doc__.split("\n\n")[0])
     args, unknown = parser.parse_known_args(argv)
     dashed = _dashed_flags(unknown)  # --data-dir X spellings; anything else left over is an error
     values = dict(_DEFAULTS)

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -126,17 +127,20 @@ def _report(split: str, ds: ImageFolderRGB) -> None:
 
 
 def build_datasets(
-    cfg: TrainConfig, classes: list[str] | None = None, need_train: bool = True
-) -> tuple[ImageFolderRGB | None, ImageFolderRGB]:
+    cfg: TrainConfig, classes: list[str] | None = None, need_train: bool = True, need_val: bool = True
+) -> tuple[ImageFolderRGB | None, ImageFolderRGB | None]:
     """Train (unless ``need_train`` is False) and val datasets with their transforms.
 
     Labels follow ``classes`` if given (a checkpoint's), else train's sorted class folders (val's when there is no
-    train split). An empty split or a val class that the label set lacks is a :class:`DataError`.
+    train split). A missing val split gives ``None`` unless ``need_val``. An empty split, or a val class that the
+    label set lacks, is a :class:`DataError`.
     """
     root = Path(cfg.data_dir)
     train_dir, val_dir = root / cfg.train_split, root / cfg.val_split
-    for split, d in (("train", train_dir), ("val", val_dir))[0 if need_train else 1 :]:
-        if not d.is_dir():
+    if not root.is_dir():
+        raise DataError(f"data_dir not found: {root}")
+    for split, d, needed in (("train", train_dir, need_train), ("val", val_dir, need_val)):
+        if needed and not d.is_dir():
             raise DataError(f"{split} split not found: {d} (ImageFolder layout: {root}/<split>/<class>/<image>)")
     train = None
     if need_train:
@@ -148,6 +152,9 @@ def build_datasets(
         if empty:
             log.warning("%s: %d classes have no readable training images: %s", train_dir, len(empty), empty[:10])
         classes = train.classes
+    if not val_dir.is_dir():
+        log.info("no %s split in %s: training without validation", cfg.val_split, root)
+        return train, None
     val_classes = class_folders(val_dir)
     classes = val_classes if classes is None else classes
     unknown = sorted(set(val_classes) - set(classes))
@@ -281,12 +288,15 @@ def _workers(n: int) -> int:
     return max(0, min(n, os.cpu_count() or 1))
 
 
-def train_subset(ds: Dataset, num_samples: int | None, seed: int) -> Dataset:
+def train_subset(ds: ImageFolderRGB, num_samples: int | None, seed: int) -> ImageFolderRGB:
     """A fixed random subset of ``num_samples`` images (MindCV's ``num_samples``); the whole set when None."""
     if not num_samples or num_samples >= len(ds):
         return ds
-    keep = np.random.default_rng(seed).permutation(len(ds))[:num_samples]
-    return Subset(ds, sorted(keep.tolist()))
+    keep = sorted(np.random.default_rng(seed).permutation(len(ds))[:num_samples].tolist())
+    sub = copy.copy(ds)  # same classes and transform; a plain dataset, not a Subset (see SeededDataset)
+    sub.samples = [ds.samples[i] for i in keep]
+    sub.targets = [y for _, y in sub.samples]
+    return sub
 
 
 def train_loader(ds: Dataset, cfg: TrainConfig, world: int, rank: int) -> DataLoader:

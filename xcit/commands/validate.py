@@ -1,0 +1,32 @@
+"""``xcit validate`` / ``python validate.py``: top-1, top-5 and loss of ``--ckpt_path`` on the val split."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ..checkpoint import CheckpointError
+from ..config import ConfigError, load_config
+from ..weights import WeightsError
+
+log = logging.getLogger("xcit")
+
+DESCRIPTION = (
+    "Validate a checkpoint (any supported format; EMA weights when present) on data_dir/val_split. Takes the "
+    "same -c YAML and --key value flags as train. Runs under torchrun too; metrics are exact over all ranks."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..evaluate import validate
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, explicit = load_config(argv, prog="xcit validate", description=DESCRIPTION)
+        if not cfg.data_dir:
+            raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset")
+        validate(cfg, explicit)
+    except (ConfigError, CheckpointError, WeightsError, FileNotFoundError) as e:
+        print(f"xcit validate: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,157 @@
+"""Top-1 / top-5 / loss of a model on a validation loader, exact under any number of ranks.
+
+Every rank evaluates its own shard (:func:`xcit.data.val_loader`: no padding, no duplicates) and contributes the
+SUMS of per-image losses and correct counts plus its image count; one all-reduce of those sums gives the same
+numbers as a single process would, including an uneven last batch. (Averaging per-rank means, or padding the
+shards as ``DistributedSampler`` does, would not.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .distributed import all_reduce_sum
+
+log = logging.getLogger("xcit")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``'s type, or a no-op for fp32 (``dtype`` None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict:
+    """``{"top1", "top5" (percent), "loss" (mean cross-entropy), "num_images", "img_per_sec"}`` over all ranks.
+
+    Every rank must call this (it all-reduces). ``img_per_sec`` is all images over the slowest rank's time.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        count = torch.full((), len(y), dtype=torch.float64, device=device)
+        sums += torch.stack([loss.double().sum(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), count])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    all_reduce_sum(sums)
+    _all_reduce_max(elapsed)
+    model.train(was_training)
+    loss_sum, top1, top5, n = sums.tolist()
+    n = int(n)
+    return {
+        "top1": 100.0 * top1 / max(n, 1),
+        "top5": 100.0 * top5 / max(n, 1),
+        "loss": loss_sum / max(n, 1),
+        "num_images": n,
+        "img_per_sec": n / max(elapsed.item(), 1e-9),
+    }
+
+
+def _all_reduce_max(t: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# xcit validate
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def model_for_eval(path: str | Path, cfg, device: torch.device) -> tuple[nn.Module, list[str] | None]:
+    """The model stored at ``path`` (EMA weights when the file has them) and its class names if recorded.
+
+    A checkpoint written by ``xcit train`` rebuilds its own architecture (overrides included); any other weight
+    file (official, timm, MindCV, safetensors) is loaded into ``cfg.model`` with ``cfg.model_overrides``. A
+    missing or unreadable file raises: validating random weights is never an option.
+    """
+    from .checkpoint import load_checkpoint, verify_checkpoint
+    from .model import XCiT, XCiTConfig
+    from .variants import create_model
+    from .weights import load_state_dict_checked
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path {str(path)!r} does not exist (refusing to validate untrained weights)")
+    if path.suffix == ".pth" and verify_checkpoint(path):  # sealed by xcit train: the full training state
+        ckpt = load_checkpoint(path)
+        if ckpt.get("model_config") and isinstance(ckpt.get("model"), dict):
+            if ckpt.get("arch") != cfg.model:
+                log.info("%s holds %s; validating that (config says %s)", path, ckpt.get("arch"), cfg.model)
+            model = XCiT(XCiTConfig(**ckpt["model_config"]), name=ckpt.get("arch"))
+            use_ema = isinstance(ckpt.get("ema"), dict)
+            load_state_dict_checked(model, ckpt["ema"] if use_ema else ckpt["model"], strict=True, source=path)
+            log.info("%s: %s weights from epoch %s", path, "EMA" if use_ema else "model", ckpt.get("epoch"))
+            return model.to(device).eval(), ckpt.get("classes")
+    model = create_model(cfg.model, pretrained=path, use_ema=cfg.ema, **cfg.model_overrides)
+    return model.to(device).eval(), model.class_names
+
+
+def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
+    """``xcit validate``: top-1, top-5 and loss of ``cfg.ckpt_path`` on ``data_dir/val_split``, on every rank."""
+    from . import distributed
+    from .config import notices
+    from .data import DataError, build_datasets, class_folders, val_loader
+    from .logging_utils import setup_logging
+    from .train import amp_setup
+
+    if not cfg.ckpt_path:
+        raise DataError("validate needs --ckpt_path (MindCV would silently validate random weights)")
+    world = distributed.init(cfg.device_target, cfg.distribute)
+    setup_logging(None, world.rank)
+    for line in notices(cfg, set(explicit)):
+        log.info("notice: %s", line)
+    model, classes = model_for_eval(cfg.ckpt_path, cfg, world.device)
+    folders = class_folders(Path(cfg.data_dir) / cfg.val_split) if (Path(cfg.data_dir) / cfg.val_split).is_dir() else []
+    if classes and sorted(folders) != sorted(classes) and not cfg.ignore_class_mismatch:
+        missing, extra = sorted(set(classes) - set(folders)), sorted(set(folders) - set(classes))
+        raise DataError(
+            f"{cfg.data_dir}/{cfg.val_split} does not hold the checkpoint's classes (missing {len(missing)}: "
+            f"{missing[:5]}, unknown {len(extra)}: {extra[:5]}); --ignore_class_mismatch True scores the "
+            f"checkpoint's classes that are present"
+        )
+    _, val = build_datasets(cfg, classes=classes, need_train=False)
+    if classes is None and len(val.classes) != getattr(model, "num_classes", len(val.classes)):
+        log.warning("%d class folders, model head has %d outputs: labels are the sorted folder indices",
+                    len(val.classes), model.num_classes)  # fmt: skip
+    loader = val_loader(val, cfg.batch_size, cfg.num_parallel_workers, world.size, world.rank)
+    dtype, _ = amp_setup(cfg.val_amp_level, cfg.amp_dtype, 1.0, world.device)
+    result = {**evaluate(model, loader, world.device, dtype, cfg.channels_last), "model": cfg.model}
+    if world.is_main:
+        log.info("%s on %s: top-1 %.2f, top-5 %.2f, loss %.4f (%d images, %.0f img/s, %d process(es))",
+                 cfg.ckpt_path, cfg.data_dir, result["top1"], result["top5"], result["loss"],
+                 result["num_images"], result["img_per_sec"], world.size)  # fmt: skip
+        if cfg.results_file:
+            Path(cfg.results_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.results_file).write_text(json.dumps(result, indent=2) + "\n")
+    distributed.barrier()
+    return result

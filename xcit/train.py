@@ -1,0 +1,522 @@
+"""``fit()``: data -> model -> optimiser -> loop -> checkpoint, single-process or under torchrun.
+
+What a run writes (rank 0 only) into ``ckpt_save_dir``: ``config.yaml`` (the resolved config), ``train.log``,
+``metrics.csv`` / ``metrics.jsonl`` / ``metrics.png``, ``tensorboard/`` (if installed), epoch checkpoints
+``ckpt_e{epoch}.pth`` (the newest ``keep_checkpoint_max`` kept) and ``best.pth`` (best validation top-1).
+
+A checkpoint holds the full state, loadable with ``torch.load(weights_only=True)``: ``model``, ``ema``,
+``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the epoch to resume at), ``step`` (optimiser steps so far),
+``sampler`` (position within the epoch), ``rng`` (every rank's generators), ``config``, ``classes``, ``arch``,
+``model_config`` (the architecture, overrides included), ``flavour`` and ``best_top1``. Resuming restores all of
+it, so a resumed run continues bit for bit (CPU), mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig, notices, save_config
+from .data import Criterion, build_datasets, mixup_fn, train_loader, train_subset, val_loader
+from .evaluate import autocast, evaluate
+from .logging_utils import MetricsLog, setup_logging, step_log
+from .optim import LRSchedule, create_ema, create_optimizer, param_groups
+from .variants import create_model
+from .weights import load_weights
+
+log = logging.getLogger("xcit")
+
+CKPT_PATTERN = "ckpt_e*.pth"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; training stopped before the bad step changed the weights."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: ``epoch`` is the epoch to run next (or the one in progress mid-epoch)."""
+
+    epoch: int = 0
+    step: int = 0
+    batches_done: int = 0  # batches of ``epoch`` already trained (mid-epoch checkpoints)
+    best_top1: float = -1.0
+
+
+def fit(
+    cfg: TrainConfig, explicit: set[str] | frozenset = frozenset(), on_step: Callable[[TrainState], None] | None = None
+) -> dict:
+    """Train ``cfg``'s model on ``cfg.data_dir`` and validate it. Returns the final metrics and output paths.
+
+    ``on_step(state)`` runs on every rank after each optimiser step (all ranks must make the same collective
+    calls in it). Raises :class:`TrainingDiverged` on a non-finite loss, keeping the last good checkpoint.
+    """
+    world = distributed.init(cfg.device_target, cfg.distribute)
+    out = Path(cfg.ckpt_save_dir)
+    setup_logging(out / "train.log" if world.is_main else None, world.rank)
+    for line in notices(cfg, set(explicit)):
+        log.info("notice: %s", line)
+    _seed_everything(cfg.seed + world.rank)  # official main.py: seed + rank (drop path differs across ranks)
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    train_set, val_set = build_datasets(cfg, need_val=cfg.val_while_train or bool(cfg.results_file))
+    classes = train_set.classes
+    num_classes = _num_classes(cfg.num_classes, classes)
+    train_set = train_subset(train_set, cfg.num_samples, cfg.seed)
+    loader = train_loader(train_set, cfg, world.size, world.rank)
+    vloader = val_loader(val_set, cfg.batch_size, cfg.num_parallel_workers, world.size, world.rank) if val_set else None
+    accum = cfg.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(loader) / accum)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} training images make no full batch of {cfg.batch_size} x {world.size}")
+    mixup = mixup_fn(cfg, num_classes)
+    criterion = Criterion(cfg.loss, 0.0 if mixup else cfg.label_smoothing, cfg.reduction)  # mixup smooths itself
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    model = build_model(cfg, num_classes, world.device)
+    ema = create_ema(model, cfg.ema_decay) if cfg.ema else None  # before SyncBN / compile / DDP (official)
+    train_model = _wrap(model, cfg, world)
+
+    # -- optimiser -----------------------------------------------------------------------------------------------
+    global_batch = cfg.batch_size * world.size * accum
+    lr = cfg.lr * global_batch / 512 if cfg.lr_scale == "linear" else cfg.lr
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_filter, cfg.layer_decay)
+    optimizer = create_optimizer(groups, cfg.opt, lr, cfg.momentum, cfg.eps, cfg.use_nesterov, world.device)
+    schedule = LRSchedule(
+        optimizer,
+        lr,
+        steps_per_epoch,
+        scheduler=cfg.scheduler,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_start=cfg.warmup_lr if cfg.warmup_lr is not None else lr * cfg.warmup_factor,
+        min_lr=cfg.min_lr,
+        decay_epochs=cfg.decay_epochs,
+        decay_rate=cfg.decay_rate,
+        milestones=tuple(cfg.multi_step_decay_milestones),
+        stair=cfg.lr_epoch_stair,
+        num_cycles=cfg.num_cycles,
+        cycle_decay=cfg.cycle_decay,
+    )
+    amp_dtype, scaler = amp_setup(cfg.amp_level, cfg.amp_dtype, cfg.loss_scale, world.device)
+    val_dtype, _ = amp_setup(cfg.val_amp_level, cfg.amp_dtype, 1.0, world.device)
+
+    # -- resume --------------------------------------------------------------------------------------------------
+    state, rng = TrainState(), None
+    resume_from = _resume_path(cfg, out)
+    if resume_from is not None:
+        state, rng = restore(resume_from, cfg, classes, model, ema, optimizer, schedule, scaler, loader.sampler)
+    if world.is_main:
+        _banner(cfg, world, model, len(train_set), len(val_set or []), classes, steps_per_epoch, lr, amp_dtype)
+        save_config(cfg, out / "config.yaml", header=f"resolved config of this run ({cfg.model})")
+    metrics = MetricsLog(out, state.epoch, cfg.tensorboard) if world.is_main else None
+
+    def save(names: list[str]) -> None:  # every rank calls it (the RNG states are gathered)
+        rngs = distributed.all_gather_object(capture_rng_state())
+        if world.is_main:
+            ckpt = checkpoint_state(cfg, model, ema, optimizer, schedule, scaler, loader.sampler, state, rngs, classes)
+            for name in names:
+                save_checkpoint(out / name, ckpt)
+            _prune(out, cfg.ckpt_save_policy, cfg.keep_checkpoint_max, metrics.rows if metrics else [])
+
+    def after_step(st: TrainState) -> None:
+        if cfg.ckpt_interval_steps and st.step % cfg.ckpt_interval_steps == 0 and st.batches_done < len(loader):
+            save([f"ckpt_e{st.epoch:04d}_s{st.step:08d}.pth"])
+        if on_step is not None:
+            on_step(st)
+
+    if rng is not None:  # last, so that nothing above shifts the restored random streams
+        restore_rng_state(rng[world.rank] if len(rng) == world.size else rng[0])
+
+    # -- loop ----------------------------------------------------------------------------------------------------
+    last_val = None
+    for epoch in range(state.epoch, cfg.epoch_size):
+        state.epoch = epoch
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(
+            train_model,
+            loader,
+            optimizer,
+            schedule,
+            criterion,
+            state,
+            device=world.device,
+            epochs=cfg.epoch_size,
+            world_size=world.size,
+            mixup=mixup,
+            ema=ema,
+            scaler=scaler,
+            amp_dtype=amp_dtype,
+            accum=accum,
+            clip_value=cfg.clip_value if cfg.clip_grad else None,
+            freeze_bn=cfg.freeze_bn,
+            channels_last=cfg.channels_last,
+            log_interval=cfg.log_interval,
+            on_step=after_step,
+            last_checkpoint=lambda: latest_checkpoint(out, CKPT_PATTERN) if world.is_main else None,
+        )
+        state.epoch, state.batches_done = epoch + 1, 0
+        last_val = None
+        if vloader is not None and (
+            (cfg.val_while_train and (epoch + 1) % cfg.val_interval == 0) or epoch + 1 == cfg.epoch_size
+        ):
+            last_val = evaluate(ema.module if ema else model, vloader, world.device, val_dtype, cfg.channels_last)
+        is_best = last_val is not None and last_val["top1"] > state.best_top1
+        if is_best:
+            state.best_top1 = last_val["top1"]
+        _log_epoch(epoch, cfg.epoch_size, stats, last_val, state)
+        if metrics is not None:
+            metrics.add({"epoch": epoch, "step": state.step, **stats, **_val_columns(last_val)})
+        names = ["best.pth"] if is_best else []
+        if (epoch + 1) % cfg.ckpt_save_interval == 0 or epoch + 1 == cfg.epoch_size:
+            names.insert(0, f"ckpt_e{epoch + 1:04d}.pth")
+        if names:
+            save(names)
+
+    # -- report --------------------------------------------------------------------------------------------------
+    if last_val is None and vloader is not None:  # nothing left to train (resumed a finished run)
+        last_val = evaluate(ema.module if ema else model, vloader, world.device, val_dtype, cfg.channels_last)
+    result = _finish(cfg, out, last_val, world.is_main)
+    if metrics is not None:
+        metrics.close()
+    distributed.barrier()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The epoch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    criterion: Criterion,
+    state: TrainState,
+    *,
+    device: torch.device,
+    epochs: int,
+    world_size: int = 1,
+    mixup=None,
+    ema=None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    accum: int = 1,
+    clip_value: float | None = None,
+    freeze_bn: bool = False,
+    channels_last: bool = False,
+    log_interval: int = 100,
+    on_step: Callable[[TrainState], None] | None = None,
+    last_checkpoint: Callable[[], Path | None] = lambda: None,
+) -> dict:
+    """One epoch (or its rest, after a mid-epoch resume). Returns ``train_loss``, ``lr``, ``epoch_time`` and
+    ``img_per_sec`` (global). The loss of each step is the mean over all ranks' images."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    inner = model.module if isinstance(model, DDP) else model
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile wrapper
+    start_batch = loader.sampler.start_batch  # read before iterating: iterating consumes the resume position
+    total, batch = len(loader), loader.batch_size
+    bar = tqdm(total=total, initial=start_batch, desc=f"epoch {state.epoch + 1}/{epochs}", dynamic_ncols=True,
+               disable=None if distributed.is_main() else True, leave=False)  # fmt: skip
+    losses, micro = [], torch.zeros((), device=device)
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(loader, start=start_batch):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        boundary = (i + 1) % accum == 0 or i + 1 == total
+        no_sync = model.no_sync() if isinstance(model, DDP) and not boundary else contextlib.nullcontext()
+        with no_sync:
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            loss = criterion(logits, y)
+            scaler.scale(loss / accum).backward()
+        micro += loss.detach() / accum
+        bar.update(1)
+        if not boundary:
+            continue
+        step_loss = distributed.all_reduce_mean(micro.clone()).item()
+        micro.zero_()
+        if not math.isfinite(step_loss):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss is {step_loss} at epoch {state.epoch + 1}, step {state.step + 1}: stopped before this step "
+                f"changed the weights. Last good checkpoint: {last_checkpoint() or 'none written yet'}. Try a "
+                f"lower lr, clip_grad: True, or amp_level O0 / amp_dtype bf16."
+            )
+        if clip_value is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_value)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if ema is not None:
+            ema.update(inner)
+        state.step, state.batches_done = state.step + 1, i + 1
+        losses.append(step_loss)
+        done = (i + 1 - start_batch) * batch * world_size
+        ips = done / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{schedule.get_last_lr():.2e}", img_s=f"{ips:.0f}")
+        if state.step % log_interval == 0 or i + 1 == total:
+            step_log.info(
+                "epoch %d/%d step %d/%d loss %.6f lr %.3e img/s %.0f",
+                state.epoch + 1, epochs, i + 1, total, step_loss, schedule.get_last_lr(), ips,
+            )  # fmt: skip
+        if on_step is not None:
+            on_step(state)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    seen = (total - start_batch) * batch * world_size
+    return {
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "lr": schedule.get_last_lr(),
+        "epoch_time": elapsed,
+        "img_per_sec": seen / max(elapsed, 1e-9),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model, precision, wrapping
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The variant with ``model_overrides``, from ``pretrained`` (head reset to ``num_classes``) or ``ckpt_path``
+    (weights only; with ``resume_opt`` the whole run is resumed instead)."""
+    pretrained = cfg.pretrained if isinstance(cfg.pretrained, str) and cfg.pretrained else None
+    model = create_model(
+        cfg.model,
+        pretrained=pretrained,
+        num_classes=num_classes,
+        drop_path_rate=cfg.drop_path_rate or 0.0,
+        drop_rate=cfg.drop_rate or 0.0,
+        **cfg.model_overrides,
+    )
+    if cfg.ckpt_path and not cfg.resume_opt:
+        load_weights(model, cfg.ckpt_path, strict=True)
+        log.info("initialised %s from %s", cfg.model, cfg.ckpt_path)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def amp_setup(
+    amp_level: str, amp_dtype: str, loss_scale: float, device: torch.device
+) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """MindCV's ``amp_level`` -> (autocast dtype or None, gradient scaler). O0: fp32. O1/O2/O3: bf16 on CPU; on
+    CUDA bf16 (``amp_dtype`` auto where supported, or bf16) or fp16 with a scaler starting at ``loss_scale``."""
+    if amp_level == "O0":
+        return None, torch.amp.GradScaler(device.type, enabled=False)
+    if device.type != "cuda":
+        return torch.bfloat16, torch.amp.GradScaler(device.type, enabled=False)
+    bf16 = amp_dtype == "bf16" or (amp_dtype == "auto" and torch.cuda.is_bf16_supported())
+    if bf16:
+        return torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)
+    return torch.float16, torch.amp.GradScaler("cuda", init_scale=loss_scale, enabled=True)
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, world: distributed.World) -> nn.Module:
+    """SyncBatchNorm, torch.compile and DDP, in that order (nanoGPT compiles before wrapping in DDP)."""
+    if cfg.sync_bn and world.distributed:
+        if world.device.type != "cuda":
+            raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm is GPU-only (on CPU use freeze_bn)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    use_compile = cfg.use_compile if cfg.use_compile is not None else world.device.type == "cuda"
+    if use_compile:
+        model = torch.compile(model)
+    if world.distributed:
+        model = DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    return model
+
+
+def _num_classes(requested: int | None, classes: list[str]) -> int:
+    if requested is None:
+        return len(classes)
+    if requested < len(classes):
+        raise ConfigError(f"num_classes {requested} is smaller than the {len(classes)} classes in the data")
+    if requested > len(classes):
+        log.warning("num_classes %d for %d classes in the data: the extra outputs are never targets", requested,
+                    len(classes))  # fmt: skip
+    return requested
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_state(
+    cfg: TrainConfig, model, ema, optimizer, schedule, scaler, sampler, state: TrainState, rngs: list, classes
+) -> dict:
+    """The full training state as ``weights_only``-safe values (see the module docstring)."""
+    return {
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "sampler": sampler.state_dict(batches_done=state.batches_done),
+        "rng": rngs,
+        "config": cfg.to_dict(),
+        "classes": list(classes),
+        "arch": cfg.model,
+        "model_config": dataclasses.asdict(model.cfg),
+        "flavour": model.flavour,
+        "best_top1": state.best_top1,
+    }
+
+
+def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
+    if cfg.resume == "auto":
+        path = latest_checkpoint(out, CKPT_PATTERN)
+        log.info("resume auto: %s", path or f"no checkpoint in {out}, starting from scratch")
+        return path
+    if cfg.resume:
+        return Path(cfg.resume)
+    if cfg.ckpt_path and cfg.resume_opt:
+        return Path(cfg.ckpt_path)
+    return None
+
+
+def restore(
+    path: Path, cfg: TrainConfig, classes, model, ema, optimizer, schedule, scaler, sampler
+) -> tuple[TrainState, list | None]:
+    """Load a full checkpoint into the run's objects. Returns the state and the saved RNG states (restored by the
+    caller once setup is over). A checkpoint of another model or class list is refused."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("arch") != cfg.model or list(ckpt.get("classes") or classes) != list(classes):
+        raise ConfigError(
+            f"{path} was trained as {ckpt.get('arch')!r} on {len(ckpt.get('classes') or [])} classes; this run is "
+            f"{cfg.model!r} on {len(classes)} classes"
+        )
+    model.load_state_dict(ckpt["model"])
+    if ema is not None:
+        ema.module.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: cannot resume this run's optimiser or data order from it ({e})") from None
+    schedule.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state = TrainState(int(ckpt["epoch"]), int(ckpt["step"]), 0, float(ckpt.get("best_top1", -1.0)))
+    if ckpt["sampler"]["epoch"] == state.epoch:
+        state.batches_done = sampler.start_batch
+    log.info("resumed %s: epoch %d, step %d%s", path, state.epoch, state.step,
+             f" (+{state.batches_done} batches)" if state.batches_done else "")  # fmt: skip
+    return state, ckpt.get("rng")
+
+
+def _prune(out: Path, policy: str, keep: int, rows: list[dict]) -> None:
+    """``latest_k``: keep the newest ``keep`` epoch checkpoints. ``top_k``: the ``keep`` with the best val top-1."""
+    if policy == "latest_k":
+        prune_checkpoints(out, keep, CKPT_PATTERN)
+        return
+    top1 = {f"ckpt_e{r['epoch'] + 1:04d}.pth": r.get("top1") or -1.0 for r in rows}
+    files = sorted(out.glob(CKPT_PATTERN), key=lambda p: top1.get(p.name, -1.0), reverse=True)
+    for p in files[keep:]:
+        p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, amp_dtype) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    accum = cfg.gradient_accumulation_steps
+    global_batch = cfg.batch_size * world.size * accum
+    backend = f" ({'nccl' if world.device.type == 'cuda' else 'gloo'})" if world.distributed else ""
+    rule = (
+        f"lr_scale linear: {cfg.lr:g} x {global_batch}/512 (official rule)"
+        if cfg.lr_scale == "linear"
+        else "lr_scale none: lr used as given (MindCV rule; the official rule is 5e-4 x global_batch/512)"
+    )
+    log.info("model %s: %.2fM params, %s numerics, %d outputs for %d classes", cfg.model, params / 1e6,
+             model.flavour, model.num_classes, len(classes))  # fmt: skip
+    log.info("device %s x %d process(es)%s", world.device.type, world.size, backend)
+    log.info("data %s: %d train / %d val images, %d steps per epoch", cfg.data_dir, n_train, n_val, steps_per_epoch)
+    log.info("global batch %d = batch_size %d x %d process(es) x %d accumulation step(s)", global_batch,
+             cfg.batch_size, world.size, accum)  # fmt: skip
+    log.info("lr %.3g (%s), %s to %.3g after %d warm-up epochs", lr, rule, cfg.scheduler, cfg.min_lr,
+             cfg.warmup_epochs)  # fmt: skip
+    log.info("precision %s, compile %s, ema %s, output %s", amp_dtype or "fp32",
+             "on" if (cfg.use_compile if cfg.use_compile is not None else world.device.type == "cuda") else "off",
+             f"{cfg.ema_decay} per step" if cfg.ema else "off", cfg.ckpt_save_dir)  # fmt: skip
+
+
+def _val_columns(val: dict | None) -> dict:
+    if val is None:
+        return {"val_loss": None, "top1": None, "top5": None}
+    return {"val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"]}
+
+
+def _log_epoch(epoch: int, epochs: int, stats: dict, val: dict | None, state: TrainState) -> None:
+    msg = f"epoch {epoch + 1}/{epochs}: train loss {stats['train_loss']:.4f}, lr {stats['lr']:.3e}, "
+    msg += f"{stats['img_per_sec']:.0f} img/s, {stats['epoch_time']:.1f} s"
+    if val is not None:
+        msg += f" | val top-1 {val['top1']:.2f}, top-5 {val['top5']:.2f}, loss {val['loss']:.4f}"
+        msg += f" (best {state.best_top1:.2f})"
+    log.info(msg)
+    step_log.info(msg)
+
+
+def _finish(cfg: TrainConfig, out: Path, val: dict | None, is_main: bool) -> dict:
+    result = {"model": cfg.model, **(val or {})}
+    result["checkpoint"] = str(latest_checkpoint(out, CKPT_PATTERN) or "") if is_main else ""
+    result["best"] = str(out / "best.pth") if (out / "best.pth").is_file() else ""
+    result.update(log=str(out / "train.log"), metrics=str(out / "metrics.csv"), plot=str(out / "metrics.png"))
+    if is_main:
+        if val is not None:
+            log.info("validation: top-1 %.2f, top-5 %.2f, loss %.4f on %d images", val["top1"], val["top5"],
+                     val["loss"], val["num_images"])  # fmt: skip
+        for key in ("checkpoint", "best", "log", "metrics", "plot"):
+            log.info("%-10s %s", key + ":", result[key])
+        if cfg.results_file:
+            keys = ("top1", "top5", "loss", "num_images", "img_per_sec", "model", "checkpoint")
+            Path(cfg.results_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.results_file).write_text(json.dumps({k: result.get(k) for k in keys}, indent=2) + "\n")
+            log.info("%-10s %s", "results:", cfg.results_file)
+    return result
