@@ -43,6 +43,11 @@ def test_pretrained_classifier_weights_load(tmp_path):
         assert torch.equal(bb(x)["2"], ref)
 
 
+def test_needs_four_distinct_blocks():
+    with pytest.raises(ValueError, match="4 different XCA blocks"):
+        xcit.XCiTBackbone("xcit_nano_12_p16_224", embed_dim=32, depth=2, num_heads=2)
+
+
 def test_plugs_into_torchvision_fpn():
     bb = xcit.XCiTBackbone("xcit_nano_12_p16_224", **TINY).eval()
     fpn = FeaturePyramidNetwork(bb.channels, 16)

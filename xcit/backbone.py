@@ -58,6 +58,12 @@ class XCiTBackbone(nn.Module):
         model.norm = nn.Identity()
         del model.cls_token
         self.body = XCiTPyramid(model, out_indices)
+        taps = [i % len(model.blocks) for i in self.body.out_indices]
+        if len(set(taps)) != 4:
+            raise ValueError(
+                f"the pyramid taps 4 different XCA blocks, got {self.body.out_indices} for depth {len(model.blocks)}: "
+                "use depth >= 4 or pass 4 distinct out_indices"
+            )
         self.out_indices = self.body.out_indices
         self.out_channels: int = self.body.out_channels
         self.channels: list[int] = list(self.body.channels)
