@@ -49,12 +49,14 @@ def pick_device(device_target: str, local_rank: int = 0) -> torch.device:
 def init(device_target: str = "auto", distribute: bool = True) -> World:
     """Join the process group when torchrun started more than one process (``WORLD_SIZE > 1``).
 
-    ``distribute: False`` under a multi-process torchrun is refused: every process would write the same files.
+    torchrun's environment decides: ``distribute: False`` under a multi-process torchrun is overridden with a
+    notice (independent copies would all write the same files), and ``distribute: True`` without torchrun runs one
+    process.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if size > 1 and not distribute:
-        raise RuntimeError(f"launched by torchrun with {size} processes but distribute is False")
+    if size > 1 and not distribute and rank == 0:
+        log.info("distribute: False, but torchrun started %d processes: training data-parallel across them", size)
     if size == 1 and distribute:
         log.info("distribute: True but not launched by torchrun: running 1 process (torchrun --nproc_per_node N)")
     device = pick_device(device_target, local_rank)

@@ -79,7 +79,7 @@ def fit(
     setup_logging(out / "train.log" if world.is_main else None, world.rank)
     for line in notices(cfg, set(explicit)):
         log.info("notice: %s", line)
-    _seed_everything(cfg.seed + world.rank)  # official main.py: seed + rank (drop path differs across ranks)
+    _seed_everything(cfg.seed)  # the same initial weights on every rank (the EMA copy is made before DDP syncs)
 
     # -- data ----------------------------------------------------------------------------------------------------
     train_set, val_set = build_datasets(cfg, need_val=cfg.val_while_train or bool(cfg.results_file))
@@ -99,6 +99,7 @@ def fit(
     model = build_model(cfg, num_classes, world.device)
     ema = create_ema(model, cfg.ema_decay) if cfg.ema else None  # before SyncBN / compile / DDP (official)
     train_model = _wrap(model, cfg, world)
+    _seed_everything(cfg.seed + world.rank)  # official main.py: seed + rank, so drop path differs across ranks
 
     # -- optimiser -----------------------------------------------------------------------------------------------
     global_batch = cfg.batch_size * world.size * accum
