@@ -123,6 +123,7 @@ class TrainConfig:
     ckpt_save_interval: int = _k(1, "save a checkpoint every N epochs")
     ckpt_save_policy: str = _k("latest_k", "latest_k | top_k (by validation top-1)")
     ckpt_interval_steps: int = _k(0, "also save every N optimiser steps (0: off)", xcit=True)
+    dist_timeout: int = _k(600, "seconds a collective waits for a dead or hung rank before failing", xcit=True)
     epoch_size: int = _k(90, "number of epochs")
     dataset_sink_mode: bool = _k(True, "Ascend data sinking (accepted, no effect)")
     ema: bool = _k(False, "keep an exponential moving average of the weights; validation uses it")
@@ -339,6 +340,7 @@ _PROBABILITIES = ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob
 _NON_NEGATIVE = ("mixup", "cutmix", "weight_decay", "min_lr", "warmup_epochs", "aug_repeats", "ckpt_interval_steps")
 _POSITIVE = ("batch_size", "epoch_size", "image_resize", "val_interval", "log_interval", "lr", "keep_checkpoint_max")
 _POSITIVE += ("ckpt_save_interval", "gradient_accumulation_steps", "clip_value", "num_cycles", "decay_epochs")
+_POSITIVE += ("dist_timeout",)
 
 
 def _normalise(values: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import ConfigError, TrainConfig
 from .imageio import MAX_PIXELS, ImageError, load_rgb
+from .preemption import worker_ignores_stop_signals
 from .sampler import ResumableSampler, SeededDataset
 
 log = logging.getLogger("xcit")
@@ -321,6 +322,7 @@ def train_loader(ds: Dataset, cfg: TrainConfig, world: int, rank: int) -> DataLo
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         generator=torch.Generator(),  # workers' base seed must not come from the global RNG (see xcit.sampler)
+        worker_init_fn=worker_ignores_stop_signals,  # SIGTERM/SIGINT are the main process's to handle
         prefetch_factor=4 if n else None,
     )
 

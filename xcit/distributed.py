@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,7 +47,7 @@ def pick_device(device_target: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init(device_target: str = "auto", distribute: bool = True) -> World:
+def init(device_target: str = "auto", distribute: bool = True, timeout_s: float = 600) -> World:
     """Join the process group when torchrun started more than one process (``WORLD_SIZE > 1``).
 
     torchrun's environment decides: ``distribute: False`` under a multi-process torchrun is overridden with a
@@ -63,7 +64,11 @@ def init(device_target: str = "auto", distribute: bool = True) -> World:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # a collective waiting on a dead or hung rank fails after timeout_s instead of blocking forever; NCCL's
+        # watchdog needs async error handling for that (the default since torch 2.2; set it for older versions)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return World(rank=rank, local_rank=local_rank, size=size, device=device)
 
 

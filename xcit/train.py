@@ -44,6 +44,7 @@ from .data import Criterion, build_datasets, mixup_fn, train_loader, train_subse
 from .evaluate import autocast, evaluate
 from .logging_utils import MetricsLog, setup_logging, step_log
 from .optim import LRSchedule, create_ema, create_optimizer, param_groups
+from .preemption import Preempted, StopSignal, elastic_restart_count
 from .variants import create_model
 from .weights import load_weights
 
@@ -67,14 +68,19 @@ class TrainState:
 
 
 def fit(
-    cfg: TrainConfig, explicit: set[str] | frozenset = frozenset(), on_step: Callable[[TrainState], None] | None = None
+    cfg: TrainConfig,
+    explicit: set[str] | frozenset = frozenset(),
+    on_step: Callable[[TrainState], None] | None = None,
+    stop: StopSignal | None = None,
 ) -> dict:
     """Train ``cfg``'s model on ``cfg.data_dir`` and validate it. Returns the final metrics and output paths.
 
     ``on_step(state)`` runs on every rank after each optimiser step (all ranks must make the same collective
-    calls in it). Raises :class:`TrainingDiverged` on a non-finite loss, keeping the last good checkpoint.
+    calls in it). Raises :class:`TrainingDiverged` on a non-finite loss, keeping the last good checkpoint. When
+    ``stop`` (an active :class:`StopSignal`) has caught SIGTERM/SIGINT, the run saves a checkpoint after the
+    current step and raises :class:`Preempted`.
     """
-    world = distributed.init(cfg.device_target, cfg.distribute)
+    world = distributed.init(cfg.device_target, cfg.distribute, cfg.dist_timeout)
     out = Path(cfg.ckpt_save_dir)
     setup_logging(out / "train.log" if world.is_main else None, world.rank)
     for line in notices(cfg, set(explicit)):
@@ -143,10 +149,17 @@ def fit(
             _prune(out, cfg.ckpt_save_policy, cfg.keep_checkpoint_max, metrics.rows if metrics else [])
 
     def after_step(st: TrainState) -> None:
-        if cfg.ckpt_interval_steps and st.step % cfg.ckpt_interval_steps == 0 and st.batches_done < len(loader):
-            save([f"ckpt_e{st.epoch:04d}_s{st.step:08d}.pth"])
+        name = f"ckpt_e{st.epoch:04d}_s{st.step:08d}.pth"
+        saved = cfg.ckpt_interval_steps and st.step % cfg.ckpt_interval_steps == 0 and st.batches_done < len(loader)
+        if saved:
+            save([name])
         if on_step is not None:
             on_step(st)
+        signum = stop.agreed(world.device) if stop is not None else 0  # all ranks stop after the same step
+        if signum:
+            if not saved:
+                save([name])
+            raise Preempted(signum, str(out / name) if world.is_main else None)
 
     if rng is not None:  # last, so that nothing above shifts the restored random streams
         restore_rng_state(rng[world.rank] if len(rng) == world.size else rng[0])
@@ -408,10 +421,13 @@ def checkpoint_state(
 
 
 def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
-    if cfg.resume == "auto":
+    restarts = elastic_restart_count()  # torchrun --max_restarts: a restarted job resumes by itself
+    if cfg.resume == "auto" or restarts:
         path = latest_checkpoint(out, CKPT_PATTERN)
-        log.info("resume auto: %s", path or f"no checkpoint in {out}, starting from scratch")
-        return path
+        if path is not None or cfg.resume == "auto":
+            why = f"torchrun restart {restarts}" if restarts else "resume auto"
+            log.info("%s: %s", why, path or f"no checkpoint in {out}, starting from scratch")
+            return path
     if cfg.resume:
         return Path(cfg.resume)
     if cfg.ckpt_path and cfg.resume_opt:

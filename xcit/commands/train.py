@@ -8,6 +8,7 @@ import time
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, load_config
+from ..preemption import Preempted, StopSignal, exit_on_peer_failure, is_peer_failure
 from ..weights import WeightsError
 
 log = logging.getLogger("xcit")
@@ -42,13 +43,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     try:
-        result = fit(cfg, explicit)
+        with StopSignal() as stop:  # SIGTERM/SIGINT: checkpoint after the current step, then stop
+            result = fit(cfg, explicit, stop=stop)
+    except Preempted as e:
+        log.warning("xcit train: %s. Resume: run the same command with --resume auto (it picks the newest good "
+                    "checkpoint in %s)", e, cfg.ckpt_save_dir)  # fmt: skip
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("xcit train: interrupted twice: stopped without a checkpoint; --resume auto continues from the last")
+        return 130
     except TrainingDiverged as e:
         log.error("xcit train: %s", e)
         return 1
     except (ConfigError, CheckpointError, WeightsError, FileNotFoundError) as e:
         log.error("xcit train: error: %s", e)
         return 2
+    except RuntimeError as e:
+        if is_peer_failure(e):  # another rank died or hangs: one clear line, then exit 1
+            exit_on_peer_failure(e)
+        raise
     if cfg.dataset == "digits" and result.get("top1") is not None:
         log.info("demo: top-1 %.2f%% on %d held-out digits in %.0f s; validate again with:\n  xcit validate -c %s "
                  "--ckpt_path %s", result["top1"], result["num_images"], time.perf_counter() - start,
