@@ -1,0 +1,180 @@
+"""Kill a training run with SIGKILL at random moments, resume it each time, and compare with an uninterrupted run.
+
+    python scripts/chaos_resume.py --kills 10 --seed 0
+
+Both runs train a tiny XCiT on CPU on a small ImageFolder (scikit-learn's digits, written to disk) with every
+source of randomness switched on: random resized crops, flips, RandAugment, random erasing, mixup/cutmix, drop
+path, EMA, DataLoader workers, and a checkpoint after every optimiser step. The interrupted run is started with
+``--resume auto`` and killed (its whole process group, workers included, as a preempted node would be) at a
+random moment after 1-4 new checkpoints have appeared: mid-step, mid-save or between the two. Each restart resumes
+from the newest checkpoint that verifies. At the end the final checkpoints' model, EMA and optimiser tensors are
+compared; the script exits 0 when they are bit-identical (max abs diff 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+_TRAIN = "import sys; from xcit.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def train_args(data_dir: Path, out: Path, epochs: int, workers: int, seed: int, augment: str) -> list[str]:
+    """A tiny recipe that uses every random component of the training loop."""
+    flags = {
+        "data_dir": data_dir,
+        "ckpt_save_dir": out,
+        "model": "xcit_nano_12_p16_224",
+        "model_overrides": "{embed_dim: 32, depth: 2, num_heads: 2, img_size: 32}",
+        "image_resize": 32,
+        "batch_size": 8,
+        "epoch_size": epochs,
+        "opt": "adamw",
+        "lr": 2e-3,
+        "warmup_epochs": 1,
+        "decay_epochs": epochs,
+        "drop_path_rate": 0.1,
+        "auto_augment": augment,
+        "re_prob": 0.25,
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "label_smoothing": 0.1,
+        "ema": True,
+        "ema_decay": 0.9,
+        "num_parallel_workers": workers,
+        "ckpt_interval_steps": 1,
+        "keep_checkpoint_max": 3,
+        "val_while_train": False,
+        "tensorboard": False,
+        "log_interval": 1,
+        "seed": seed,
+        "device_target": "cpu",
+        "resume": "auto",
+    }
+    return ["train"] + [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def start(args: list[str], log_file: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # same thread count in every run
+    with open(log_file, "ab") as f:
+        return subprocess.Popen(
+            [sys.executable, "-c", _TRAIN, *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def checkpoints(out: Path) -> set[str]:
+    return {p.name for p in out.glob("ckpt_e*.pth")}
+
+
+def run_with_kills(args: list[str], out: Path, kills: int, rng: random.Random, log_file: Path) -> list[str]:
+    """Start, wait for 1-4 new checkpoints, sleep a random fraction of a step, SIGKILL the process group; repeat."""
+    events = []
+    for k in range(kills):
+        before, t0 = checkpoints(out), time.monotonic()
+        proc = start(args, log_file)
+        want = rng.randint(1, 4)
+        while proc.poll() is None and len(checkpoints(out) - before) < want:
+            time.sleep(0.002)
+        if proc.poll() is not None:
+            events.append(f"kill {k + 1}: the run finished before the kill (exit {proc.returncode})")
+            break
+        time.sleep(rng.uniform(0.0, 0.15))  # a random point of the next step: forward, backward, save, prune
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        newest = max(checkpoints(out), default="none")
+        events.append(f"kill {k + 1}: SIGKILL after {time.monotonic() - t0:5.1f} s, newest file {newest}")
+    return events
+
+
+def max_abs_diff(a: object, b: object, where: str = "") -> dict[str, float]:
+    """Max |a - b| per tensor leaf of two nested checkpoint structures (inf where shapes or structure differ)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return {where: float("inf")}
+        if not a.is_floating_point():
+            return {where: 0.0 if torch.equal(a, b) else float("inf")}
+        return {where: (a.double() - b.double()).abs().max().item() if a.numel() else 0.0}
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return {where: float("inf")}
+        return {k: v for key in a for k, v in max_abs_diff(a[key], b[key], f"{where}.{key}").items()}
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return {where: float("inf")}
+        return {k: v for i, (x, y) in enumerate(zip(a, b)) for k, v in max_abs_diff(x, y, f"{where}[{i}]").items()}
+    return {where: 0.0 if a == b else float("inf")}
+
+
+def compare(ref: Path, got: Path) -> dict[str, float]:
+    from xcit.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(ref, require_checksum=True), load_checkpoint(got, require_checksum=True)
+    diffs = {}
+    for part in ("model", "ema", "optimizer"):
+        leaves = max_abs_diff(a[part], b[part], part)
+        diffs[part] = max(leaves.values(), default=0.0)
+    diffs["step"] = 0.0 if a["step"] == b["step"] else float("inf")
+    return diffs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kills", type=int, default=10, help="number of SIGKILLs (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and of the training runs")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the training runs")
+    p.add_argument("--auto_augment", default="randaug-m9-mstd0.5-inc1", help="RandAugment policy of the runs")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    a = p.parse_args(argv)
+
+    from xcit.demo import write_digits
+
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="xcit-chaos-"))
+    data = write_digits(work / "digits", classes=4, per_class=50)
+    ref_dir, chaos_dir = work / "uninterrupted", work / "interrupted"
+    for d in (ref_dir, chaos_dir):
+        for f in d.glob("*.pth"):
+            f.unlink()
+
+    t0 = time.monotonic()
+    ref = start(train_args(data, ref_dir, a.epochs, a.workers, a.seed, a.auto_augment), work / "uninterrupted.log")
+    if ref.wait() != 0:
+        print(f"the uninterrupted run failed; see {work / 'uninterrupted.log'}")
+        return 2
+    print(f"uninterrupted run: {time.monotonic() - t0:.1f} s, {len(checkpoints(ref_dir))} checkpoints kept")
+
+    rng = random.Random(a.seed)
+    args = train_args(data, chaos_dir, a.epochs, a.workers, a.seed, a.auto_augment)
+    log_file = work / "interrupted.log"
+    for line in run_with_kills(args, chaos_dir, a.kills, rng, log_file):
+        print(line)
+    final = start(args, log_file)
+    if final.wait() != 0:
+        print(f"the last resume failed; see {log_file}")
+        return 2
+    resumes = re.findall(r"resumed .*", log_file.read_text())
+    print(f"{len(resumes)} resumes, e.g. {resumes[-1] if resumes else '-'}")
+    skipped = re.findall(r"skipping corrupt checkpoint .*", log_file.read_text())
+    print(f"{len(skipped)} corrupt checkpoints reported and skipped")
+
+    name = f"ckpt_e{a.epochs:04d}.pth"
+    diffs = compare(ref_dir / name, chaos_dir / name)
+    for part, d in diffs.items():
+        print(f"max abs diff {part:<9} {d:.3g}")
+    worst = max(diffs.values())
+    print(f"RESULT: {'bit-identical' if worst == 0 else f'max abs diff {worst:.3g}'} after {a.kills} kills ({work})")
+    return 0 if worst == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
