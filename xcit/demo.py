@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -83,4 +84,18 @@ def write_digits(
     shutil.rmtree(root, ignore_errors=True)  # a partial earlier attempt
     root.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, root)
+    return root
+
+
+def ensure_digits(timeout_s: float = 300.0) -> Path:
+    """The demo ImageFolder in the cache, written once. Under torchrun only local rank 0 writes it; the other
+    ranks wait for it to appear (they start before the process group exists, so no barrier is available)."""
+    root = cache_dir() / "digits"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return write_digits(root)
+    deadline = time.monotonic() + timeout_s
+    while not (root / ".complete").is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"local rank 0 did not finish writing {root} within {timeout_s:.0f} s")
+        time.sleep(0.5)
     return root

@@ -25,7 +25,7 @@ def _has_config(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..demo import DEMO_RECIPE, cache_dir, write_digits
+    from ..demo import DEMO_RECIPE, ensure_digits
     from ..train import TrainingDiverged, fit
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.data_dir and not _has_config(argv):
             cfg, explicit = load_config(argv, prog="xcit train", base=DEMO_RECIPE, description=DESCRIPTION)
         if cfg.dataset == "digits" and not cfg.data_dir:
-            cfg.data_dir = str(write_digits(cache_dir() / "digits"))
+            cfg.data_dir = str(ensure_digits())
             log.info("demo: scikit-learn digits as an ImageFolder in %s", cfg.data_dir)
         if not cfg.data_dir:
             raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset (or run without a config)")
