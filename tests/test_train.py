@@ -91,9 +91,10 @@ def test_bad_files_are_skipped_and_training_runs(tmp_path, caplog):
     root = make_folder(tmp_path / "ds", per_class=6, size=24)
     add_bad_files(root)
     cfg, _ = load_config(["--data_dir", str(root), "--ckpt_save_dir", str(tmp_path / "out"), *TINY, *FAST])
-    cfg.epoch_size, cfg.batch_size = 2, 8
+    cfg.epoch_size, cfg.batch_size, cfg.keep_checkpoint_max = 2, 8, 1
     with caplog.at_level(logging.WARNING, logger="xcit"):
         result = fit(cfg)
+    assert sorted(p.name for p in (tmp_path / "out").glob("ckpt_e*.pth")) == ["ckpt_e0002.pth"]  # keep_checkpoint_max
     assert "skipped 3 files (1 corrupt, 1 not an image, 1 zero bytes)" in caplog.text
     assert "truncated.jpg" in caplog.text  # passed the header check, failed to decode, replaced
     assert result["num_images"] == 9 and math.isfinite(result["loss"])
@@ -190,6 +191,34 @@ def test_validate_refuses_missing_weights_and_other_classes(tmp_path):
     assert main([*common, *ckpt]) == 2
     assert main([*common, *ckpt, "--ignore_class_mismatch", "True", "--results_file", str(tmp_path / "sub.json")]) == 0
     assert json.loads((tmp_path / "sub.json").read_text())["num_images"] == 4
+
+
+def test_fine_tune_from_pretrained_resets_the_head(tmp_path, caplog):
+    from xcit.train import build_model
+
+    three, four = make_folder(tmp_path / "three", per_class=4), make_folder(tmp_path / "four", ("a", "b", "c", "d"))
+    cfg, _ = load_config(["--data_dir", str(three), "--ckpt_save_dir", str(tmp_path / "a"), *TINY, *FAST])
+    cfg.epoch_size, cfg.batch_size = 1, 4
+    source = fit(cfg)["checkpoint"]
+    args = ["--data_dir", str(four), "--ckpt_save_dir", str(tmp_path / "b"), *TINY, *FAST, "--pretrained", source]
+    cfg, _ = load_config([*args, "--layer_decay", "0.75", "--epoch_size", "1", "--batch_size", "4"])
+    model = build_model(cfg, 4, torch.device("cpu"))
+    weights = load_checkpoint(source)["model"]
+    assert model.head.weight.shape[0] == 4 and weights["head.weight"].shape[0] == 3
+    assert torch.equal(model.state_dict()["blocks.1.attn.qkv.weight"], weights["blocks.1.attn.qkv.weight"])
+    with caplog.at_level(logging.INFO, logger="xcit"):
+        assert fit(cfg)["num_images"] == 4 * 3
+    assert "dropping the 3-class head" in caplog.text
+
+
+@pytest.mark.gpu
+def test_gpu_graph_mode_fp16_and_channels_last(tmp_path):
+    root = make_folder(tmp_path / "ds", per_class=8, size=32)
+    args = ["--data_dir", str(root), "--ckpt_save_dir", str(tmp_path / "out"), *TINY, *FAST, "--mode", "0"]
+    args += ["--amp_level", "O2", "--amp_dtype", "fp16", "--loss_scale", "1024", "--channels_last", "--ema"]
+    cfg, _ = load_config([*args, "--device_target", "cuda", "--epoch_size", "2", "--batch_size", "8"])
+    result = fit(cfg)  # torch.compile (mode 0 on CUDA), fp16 autocast with a GradScaler
+    assert math.isfinite(result["loss"]) and load_checkpoint(result["checkpoint"])["scaler"]["scale"] > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
