@@ -235,8 +235,11 @@ def mixup_fn(cfg: TrainConfig, num_classes: int):
     """timm's ``Mixup`` (batch-wise mixup/cutmix with label smoothing folded into the soft targets) or None."""
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
-    if cfg.batch_size % 2:
-        raise ConfigError(f"mixup/cutmix pair each batch with its reverse: batch_size {cfg.batch_size} must be even")
+    if cfg.batch_size % 2 or not cfg.drop_remainder:
+        raise ConfigError(
+            f"mixup/cutmix pair each batch with its reverse: batch_size ({cfg.batch_size}) must be even and "
+            f"drop_remainder ({cfg.drop_remainder}) True"
+        )
     from timm.data import Mixup
 
     return Mixup(

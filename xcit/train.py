@@ -102,6 +102,7 @@ def fit(
     criterion = Criterion(cfg.loss, 0.0 if mixup else cfg.label_smoothing, cfg.reduction)  # mixup smooths itself
 
     # -- model ---------------------------------------------------------------------------------------------------
+    torch.backends.cudnn.benchmark = world.device.type == "cuda"  # fixed input size: pick the fastest conv kernels
     model = build_model(cfg, num_classes, world.device)
     ema = create_ema(model, cfg.ema_decay) if cfg.ema else None  # before SyncBN / compile / DDP (official)
     train_model = _wrap(model, cfg, world)
