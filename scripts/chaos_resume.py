@@ -6,14 +6,15 @@ Both runs train a tiny XCiT on CPU on a small ImageFolder (scikit-learn's digits
 source of randomness switched on: random resized crops, flips, RandAugment, random erasing, mixup/cutmix, drop
 path, EMA, DataLoader workers, and a checkpoint after every optimiser step. The interrupted run is started with
 ``--resume auto`` and killed (its whole process group, workers included, as a preempted node would be) at a
-random moment after 1-4 new checkpoints have appeared: mid-step, mid-save or between the two. Each restart resumes
-from the newest checkpoint that verifies. At the end the final checkpoints' model, EMA and optimiser tensors are
-compared; the script exits 0 when they are bit-identical (max abs diff 0).
+random moment: during start-up (one time in five), or after 1-4 new checkpoints, mid-step, mid-save or between.
+Each restart resumes from the newest checkpoint that verifies. At the end the final checkpoints' model, EMA and
+optimiser tensors are compared; the script exits 0 when they are bit-identical (max abs diff 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import re
@@ -77,22 +78,29 @@ def checkpoints(out: Path) -> set[str]:
 
 
 def run_with_kills(args: list[str], out: Path, kills: int, rng: random.Random, log_file: Path) -> list[str]:
-    """Start, wait for 1-4 new checkpoints, sleep a random fraction of a step, SIGKILL the process group; repeat."""
+    """Start, wait a random time (start-up, or 1-4 new checkpoints plus part of a step), SIGKILL the process group;
+    repeat. Returns one line per kill."""
     events = []
     for k in range(kills):
         before, t0 = checkpoints(out), time.monotonic()
         proc = start(args, log_file)
-        want = rng.randint(1, 4)
-        while proc.poll() is None and len(checkpoints(out) - before) < want:
-            time.sleep(0.002)
+        early = rng.random() < 0.2
+        if early:  # during start-up: imports, data scan, loading the checkpoint to resume from
+            time.sleep(rng.uniform(0.0, 3.0))
+        else:
+            want = rng.randint(1, 4)
+            while proc.poll() is None and len(checkpoints(out) - before) < want:
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.15))  # a random point of the next step: forward, backward, save, prune
         if proc.poll() is not None:
             events.append(f"kill {k + 1}: the run finished before the kill (exit {proc.returncode})")
             break
-        time.sleep(rng.uniform(0.0, 0.15))  # a random point of the next step: forward, backward, save, prune
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        newest = max(checkpoints(out), default="none")
-        events.append(f"kill {k + 1}: SIGKILL after {time.monotonic() - t0:5.1f} s, newest file {newest}")
+        newest = max(out.glob("ckpt_e*.pth"), key=lambda p: p.stat().st_mtime_ns, default=Path("none")).name
+        partial = [p.name for p in out.glob(f".*.tmp{proc.pid}")]  # the kill hit a write: only its temp file is cut
+        where = f", mid-write ({partial[0]} left behind)" if partial else (" (early)" if early else "")
+        events.append(f"kill {k + 1}: SIGKILL after {time.monotonic() - t0:5.1f} s, newest file {newest}{where}")
     return events
 
 
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=10, help="number of SIGKILLs (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and of the training runs")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=None, help="default: enough steps for every kill (>= 3)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the training runs")
     p.add_argument("--auto_augment", default="randaug-m9-mstd0.5-mmax9-inc1", help="RandAugment policy of the runs")
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from xcit.demo import write_digits
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="xcit-chaos-"))
+    a.epochs = a.epochs or max(3, math.ceil(a.kills * 4 / 20) + 1)  # 20 steps per epoch, <= 4 steps per kill
     data = write_digits(work / "digits", classes=4, per_class=50)
     ref_dir, chaos_dir = work / "uninterrupted", work / "interrupted"
     for d in (ref_dir, chaos_dir):
@@ -156,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(a.seed)
     args = train_args(data, chaos_dir, a.epochs, a.workers, a.seed, a.auto_augment)
     log_file = work / "interrupted.log"
-    for line in run_with_kills(args, chaos_dir, a.kills, rng, log_file):
-        print(line)
+    events = run_with_kills(args, chaos_dir, a.kills, rng, log_file)
+    print("\n".join(events))
+    kills = sum("SIGKILL" in e for e in events)
+    print(f"{sum('mid-write' in e for e in events)} of {kills} kills hit a checkpoint write")
     final = start(args, log_file)
     if final.wait() != 0:
         print(f"the last resume failed; see {log_file}")
@@ -172,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     for part, d in diffs.items():
         print(f"max abs diff {part:<9} {d:.3g}")
     worst = max(diffs.values())
-    print(f"RESULT: {'bit-identical' if worst == 0 else f'max abs diff {worst:.3g}'} after {a.kills} kills ({work})")
+    print(f"RESULT: {'bit-identical' if worst == 0 else f'max abs diff {worst:.3g}'} after {kills} kills ({work})")
     return 0 if worst == 0 else 1
 
 
