@@ -64,6 +64,13 @@ def _gelu(flavour: str) -> nn.GELU:
     return nn.GELU(approximate="tanh" if flavour == "mindcv" else "none")
 
 
+def _act_(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)`` on a freshly computed ``x``, in place when no gradient is recorded (saves a large allocation)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return act(x)
+    return torch.ops.aten.gelu_(x, approximate=act.approximate)
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample (Huang et al. 2016), as in the official code via timm."""
 
@@ -82,6 +89,22 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def _accumulates(shortcut: torch.Tensor, *operands: torch.Tensor) -> bool:
+    """Whether a GEMM can accumulate in place into ``shortcut``: one dtype, and no autocast to change it."""
+    if torch.is_autocast_enabled(shortcut.device.type):
+        return False
+    return all(t.dtype == shortcut.dtype for t in operands)
+
+
+def _add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
+    if not _accumulates(shortcut, x, weight):
+        return shortcut + F.linear(x, weight, bias)
+    out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
+    out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Patch embedding and positional encoding
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,6 +112,15 @@ class DropPath(nn.Module):
 
 def _conv_bn(in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_ch))
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one conv, exact for BN in eval mode (running statistics)."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.view(-1, 1, 1, 1), bias
 
 
 class ConvPatchEmbed(nn.Module):
@@ -110,8 +142,17 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) image -> (B, D, H/p, W/p) grid."""
-        return self.proj(x)
+        """(B, C, H, W) image -> (B, D, H/p, W/p) grid, in channels_last memory (so tokens are a free view)."""
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fastest conv layout, no reorders inside
+        for layer in self.proj:
+            if isinstance(layer, nn.Sequential) and not layer[1].training:
+                conv = layer[0]  # eval: BN folded into the conv, one pass instead of two
+                x = F.conv2d(x, *_fold_bn(conv, layer[1]), stride=conv.stride, padding=conv.padding)
+            elif isinstance(layer, nn.GELU):
+                x = _act_(layer, x)
+            else:
+                x = layer(x)
+        return x
 
 
 class PositionalEncodingFourier(nn.Module):
@@ -127,6 +168,7 @@ class PositionalEncodingFourier(nn.Module):
         self.temperature = temperature
         self.scale = 2 * math.pi
         self.eps = 1e-6
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def features(self, H: int, W: int, device: torch.device) -> torch.Tensor:
         """The (1, 2*hidden_dim, H, W) Fourier features, in fp32."""
@@ -146,8 +188,15 @@ class PositionalEncodingFourier(nn.Module):
     def forward(self, H: int, W: int) -> torch.Tensor:
         """(1, H*W, D) positional tokens."""
         w = self.token_projection.weight
-        pos = self.features(H, W, w.device).to(w.dtype).flatten(2).transpose(1, 2)  # (1, HW, 2hd)
-        return F.linear(pos, w.flatten(1), self.token_projection.bias)
+        if torch.compiler.is_compiling():
+            pos = self.features(H, W, w.device).flatten(2).transpose(1, 2)
+        else:  # the features depend only on the grid: compute them once per (H, W, device)
+            key = (H, W, w.device)
+            if key not in self._cache:
+                with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in training too
+                    self._cache = {key: self.features(H, W, w.device).flatten(2).transpose(1, 2).contiguous()}
+            pos = self._cache[key]  # (1, HW, 2hd)
+        return F.linear(pos.to(w.dtype), w.flatten(1), self.token_projection.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -158,9 +207,15 @@ class PositionalEncodingFourier(nn.Module):
 class XCA(nn.Module):
     """Cross-covariance attention (paper sec. 3.1): a softmax over the (d_h x d_h) channel map ``q^T k``.
 
-    Tokens stay in (B, N, C) layout throughout. The L2 normalisation of q and k over tokens is applied to the small
-    (d_h x d_h) Gram matrix instead of to q and k (``q^T k / (|q| |k|)`` is the same value), computed in fp32 so that
-    fp16/bf16 never divide by an underflowed norm. Cost is linear in N.
+    Tokens stay in (B, N, C) layout throughout and nothing of size N is copied:
+
+    * each head's ``q^T k`` is one GEMM on strided views of the qkv output;
+    * the L2 normalisation of q and k over tokens is applied to the small (d_h x d_h) Gram matrix instead of to q
+      and k (``q^T k / (|q| |k|)`` is the same value), in fp32 so that bf16 never divides by an underflowed norm;
+    * the per-head channel mixing ``attn @ v`` is folded into ``proj``: ``proj(v attn^T) = v (W_p blockdiag(attn))^T``
+      costs the same FLOPs (d_h C^2 instead of d_h C N, less for N > C) and needs no head transposes.
+
+    Cost is linear in N.
     """
 
     def __init__(self, dim: int, num_heads: int, flavour: str = "official") -> None:
@@ -171,34 +226,52 @@ class XCA(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
+    def _gram(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Per-head ``q^T k``: (B, N, C) x (B, N, C) -> (B, h, d, d), one batched GEMM per head on strided views."""
+        B, N, C = q.shape
+        qs, ks = q.view(B, N, self.num_heads, -1).unbind(2), k.view(B, N, self.num_heads, -1).unbind(2)
+        return torch.stack([a.mT @ b for a, b in zip(qs, ks)], dim=1)
+
     def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the (B, h, d, d) channel attention (fp32) and v as (B, N, h, d)."""
         B, N, C = x.shape
         h = self.num_heads
-        q, k, v = self.qkv(x).view(B, N, 3, h, C // h).unbind(2)  # each (B, N, h, d)
-        qt, kt = q.permute(0, 2, 3, 1), k.permute(0, 2, 1, 3)  # (B, h, d, N), (B, h, N, d): views, no copies
-        if self.qk_norm:
-            # official: F.normalize(q, dim=-1) with eps 1e-12, folded onto the Gram matrix
-            qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float32).clamp_min(1e-12)  # (B, h, d)
-            kn = torch.linalg.vector_norm(k, dim=1, dtype=torch.float32).clamp_min(1e-12)
-            if x.dtype == torch.float16:  # fp16 Gram entries can overflow before normalisation: normalise first
-                # (1 / 1e-12 is inf in fp16, so scale in fp32; unit vectors then fit fp16)
-                qt = (qt.float() / qn.unsqueeze(-1)).to(x.dtype)
-                kt = (kt.float() / kn.unsqueeze(-2)).to(x.dtype)
-                attn = (qt @ kt).float()
-            else:
-                attn = (qt @ kt).float() / (qn.unsqueeze(-1) * kn.unsqueeze(-2))
+        qkv = self.qkv(x)  # (B, N, 3C)
+        q, k, v = qkv.unflatten(-1, (3, C)).unbind(-2)  # each (B, N, C), views
+        if not self.qk_norm:
+            attn = self._gram(q, k).float()
         else:
-            attn = (qt @ kt).float()
+            # official: F.normalize(q, dim=-1) over tokens with eps 1e-12
+            # (a sum of squares is several times faster than vector_norm over the strided token dim)
+            qn, kn = ((t * t).sum(dim=1, dtype=torch.float32).sqrt().clamp_min(1e-12) for t in (q, k))  # (B, C)
+            if q.dtype == torch.float16:  # fp16 Gram entries can overflow before normalisation: normalise first
+                # (1 / 1e-12 is inf in fp16, so scale in fp32; unit vectors then fit fp16)
+                q, k = (q.float() / qn.unsqueeze(1)).to(q.dtype), (k.float() / kn.unsqueeze(1)).to(k.dtype)
+                attn = self._gram(q, k).float()
+            else:
+                qn, kn = qn.view(B, h, C // h), kn.view(B, h, C // h)
+                attn = self._gram(q, k).float() / (qn.unsqueeze(-1) * kn.unsqueeze(-2))
         attn = (attn * self.temperature.float()).softmax(dim=-1)
-        return attn, v
+        return attn, v.view(B, N, h, C // h)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, shortcut: torch.Tensor | None = None, gamma: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``proj(XCA(x))``, or ``shortcut + gamma * proj(XCA(x))`` with the residual accumulated by the GEMM."""
         B, N, C = x.shape
+        h = self.num_heads
         attn, v = self.attention(x)
-        # out[b, n, h, i] = sum_j attn[b, h, i, j] v[b, n, h, j]
-        out = v.transpose(1, 2) @ attn.to(v.dtype).transpose(-1, -2)  # (B, h, N, d)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        v = v.flatten(2)
+        w_t, b = self.proj.weight.t(), self.proj.bias  # (C_in, C_out)
+        if gamma is not None:  # LayerScale folded into proj's output columns
+            w_t, b = w_t * gamma, b * gamma
+        # out[n, o] = sum_{h,i,j} Wp[o, (h, i)] attn[h, i, j] v[n, (h, j)]: mixing[(h, j), o] = (attn_h^T Wp_h^T)[j, o]
+        mixing = (attn.to(v.dtype).mT @ w_t.view(h, C // h, C)).view(B, C, C)
+        if shortcut is None:
+            return torch.baddbmm(b, v, mixing)
+        if _accumulates(shortcut, v, mixing):
+            return (shortcut + b).baddbmm_(v, mixing)
+        return shortcut + torch.baddbmm(b, v, mixing)
 
 
 class LPI(nn.Module):
@@ -211,12 +284,24 @@ class LPI(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
-    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        H: int,
+        W: int,
+        shortcut: torch.Tensor | None = None,
+        gamma: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``LPI(x)`` on (B, N, C) tokens, or ``shortcut + gamma * LPI(x)``."""
         B, N, C = x.shape
         # (B, N, C) is already NHWC in memory: view it as a channels_last NCHW tensor, no copy
         x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        x = self.conv2(self.bn(self.act(self.conv1(x))))
-        return x.permute(0, 2, 3, 1).reshape(B, N, C)
+        x = self.bn(_act_(self.act, self.conv1(x)))
+        w, b = self.conv2.weight, self.conv2.bias
+        if gamma is not None:  # conv2 is linear: the LayerScale folds into its weights exactly
+            w, b = w * gamma.view(-1, 1, 1, 1), b * gamma
+        x = F.conv2d(x, w, b, padding=1, groups=C).permute(0, 2, 3, 1).reshape(B, N, C)
+        return x if shortcut is None else shortcut + x
 
 
 class Mlp(nn.Module):
@@ -226,8 +311,15 @@ class Mlp(nn.Module):
         self.act = _gelu(flavour)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(
+        self, x: torch.Tensor, shortcut: torch.Tensor | None = None, gamma: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``fc2(act(fc1(x)))``, or ``shortcut + gamma * fc2(...)`` with the residual accumulated by the GEMM."""
+        x = _act_(self.act, self.fc1(x))
+        w, b = self.fc2.weight, self.fc2.bias
+        if gamma is not None:  # LayerScale folded into fc2's output rows
+            w, b = w * gamma.unsqueeze(-1), b * gamma
+        return F.linear(x, w, b) if shortcut is None else _add_linear(shortcut, x, w, b)
 
 
 class XCABlock(nn.Module):
@@ -248,10 +340,14 @@ class XCABlock(nn.Module):
         self.gamma2 = nn.Parameter(cfg.eta * torch.ones(D))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), H, W))
-        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
-        return x
+        if self.training and self.drop_path.p > 0:  # stochastic depth drops whole branches: keep them separate
+            x = x + self.drop_path(self.attn(self.norm1(x), gamma=self.gamma1))
+            x = x + self.drop_path(self.local_mp(self.norm3(x), H, W, gamma=self.gamma3))
+            return x + self.drop_path(self.mlp(self.norm2(x), gamma=self.gamma2))
+        # x + gamma * branch(norm(x)), with gamma folded into each branch's last linear map
+        x = self.attn(self.norm1(x), shortcut=x, gamma=self.gamma1)
+        x = self.local_mp(self.norm3(x), H, W, shortcut=x, gamma=self.gamma3)
+        return self.mlp(self.norm2(x), shortcut=x, gamma=self.gamma2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,7 +356,12 @@ class XCABlock(nn.Module):
 
 
 class ClassAttn(nn.Module):
-    """Attention with the class token as the only query; keys and values are all N+1 tokens."""
+    """Attention with the class token as the only query; keys and values are all N+1 tokens.
+
+    k and v are never materialised: with one query per head, ``q . (W_k x_n + b_k) = (W_k^T q) . x_n + q . b_k``
+    where the last term is the same for every token and cancels in the softmax, and ``sum_n a_n (W_v x_n + b_v) =
+    W_v (sum_n a_n x_n) + b_v`` because the weights sum to 1. That is O(h N C) instead of O(N C^2) and exact.
+    """
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -271,18 +372,20 @@ class ClassAttn(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, C) tokens, class token first -> the class token's update (B, 1, C), and (B, h, 1, N) weights
+        if ``return_attention``."""
         B, N, C = x.shape
-        h = self.num_heads
-        q = self.q(x[:, :1]).view(B, 1, h, C // h).transpose(1, 2)  # (B, h, 1, d)
-        k = self.k(x).view(B, N, h, C // h).transpose(1, 2)
-        v = self.v(x).view(B, N, h, C // h).transpose(1, 2)
-        if return_attention:
-            attn = ((q.float() * (C // h) ** -0.5) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (B, h, 1, N)
-            out = attn.to(v.dtype) @ v
-        else:
-            attn = None
-            out = F.scaled_dot_product_attention(q, k, v)  # scale d_h ** -0.5
-        return self.proj(out.transpose(1, 2).reshape(B, 1, C)), attn
+        h, d = self.num_heads, C // self.num_heads
+        q = self.q(x[:, 0]).view(B, h, d) * d**-0.5
+        qk = (q.transpose(0, 1) @ self.k.weight.view(h, d, C)).transpose(0, 1)  # (B, h, C) = W_k^T q per head
+        # the constant q . b_k changes nothing after the softmax but keeps b_k in the graph (DDP wants every
+        # parameter to receive a gradient)
+        logits = torch.baddbmm((q * self.k.bias.view(h, d)).sum(-1, keepdim=True), qk, x.mT)
+        attn = logits.float().softmax(dim=-1)  # (B, h, N)
+        mean = attn.to(x.dtype) @ x  # (B, h, C): attention-weighted token average per head
+        v = (mean.transpose(0, 1) @ self.v.weight.view(h, d, C).mT).transpose(0, 1).reshape(B, C) + self.v.bias
+        out = self.proj(v).unsqueeze(1)
+        return out, attn.unsqueeze(2) if return_attention else None
 
 
 class ClassAttentionBlock(nn.Module):
@@ -297,17 +400,29 @@ class ClassAttentionBlock(nn.Module):
         self.gamma2 = nn.Parameter(cfg.eta * torch.ones(D))
         self.tokens_norm = cfg.tokens_norm
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1 + N, C) -> the same shape, or only the (B, 1, C) class token if ``cls_only`` (the logits need no
+        more from the last block)."""
         x_norm = self.norm1(x)
-        cls, attn = self.attn(x_norm, return_attention)
+        update, attn = self.attn(x_norm, return_attention)
+        cls = x[:, :1] + self.gamma1 * update
+        if cls_only:  # norm2 always reaches the class token, with or without tokens_norm
+            cls = self.norm2(cls)
+            return cls + self.gamma2 * self.mlp(cls), attn
         # official quirk kept for weight parity: patch tokens get gamma1 * norm1(x) added, not left untouched
-        x = x + self.gamma1 * torch.cat([cls, x_norm[:, 1:]], dim=1)
+        x = torch.addcmul(x, self.gamma1, x_norm)
+        x[:, :1] = cls
         if self.tokens_norm:
             x = self.norm2(x)
         else:
             x = torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
-        # official quirk: x_res + cat(mlp(cls), x[:, 1:]) doubles the patch tokens
-        x = x + torch.cat([self.gamma2 * self.mlp(x[:, :1]), x[:, 1:]], dim=1)
+        # official quirk: x + cat(gamma2 * mlp(cls), x[:, 1:]) doubles the patch tokens (x + x == 2 x exactly)
+        cls = x[:, :1]
+        cls = cls + self.gamma2 * self.mlp(cls)
+        x = x * 2
+        x[:, :1] = cls
         return x, attn
 
 
@@ -426,13 +541,16 @@ class XCiT(nn.Module):
             return checkpoint(blk, x, Hp, Wp, use_reentrant=False)
         return blk(x, Hp, Wp)
 
-    def forward_cls(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prepend the class token and run the class-attention blocks. Returns tokens and last cls attention."""
+    def forward_cls(
+        self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prepend the class token and run the class-attention blocks. Returns tokens (only the (B, 1, D) class
+        token if ``cls_only``) and the last block's (B, h, 1, 1 + N) class attention if ``return_attention``."""
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         attn = None
+        last = len(self.cls_attn_blocks) - 1
         for i, blk in enumerate(self.cls_attn_blocks):
-            want = return_attention and i == len(self.cls_attn_blocks) - 1
-            x, attn = blk(x, want)
+            x, attn = blk(x, return_attention and i == last, cls_only and i == last)
         return x, attn
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -449,13 +567,13 @@ class XCiT(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        if not return_attention:
-            return self.forward_head(self.forward_features(x))
         x, Hp, Wp = self.embed(x)
         for blk in self.blocks:
             x = self._run_block(blk, x, Hp, Wp)
-        x, attn = self.forward_cls(x, return_attention=True)
+        x, attn = self.forward_cls(x, return_attention, cls_only=True)  # the logits only read the class token
         logits = self.forward_head(self.norm(x))
+        if not return_attention:
+            return logits
         return logits, attn[:, :, 0, 1:].reshape(x.shape[0], -1, Hp, Wp)
 
     def class_attention(self, x: torch.Tensor) -> torch.Tensor:
