@@ -64,9 +64,15 @@ def _gelu(flavour: str) -> nn.GELU:
     return nn.GELU(approximate="tanh" if flavour == "mindcv" else "none")
 
 
+def _graph_capture() -> bool:
+    """Under torch.compile / torch.export or torch.jit.trace: take the plain path (tracers record Python-side caches
+    as constants of the traced size, and TorchScript/ONNX tracing mishandles in-place ops on views)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _act_(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
     """``act(x)`` on a freshly computed ``x``, in place when no gradient is recorded (saves a large allocation)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or _graph_capture():
         return act(x)
     return torch.ops.aten.gelu_(x, approximate=act.approximate)
 
@@ -91,7 +97,7 @@ class DropPath(nn.Module):
 
 def _accumulates(shortcut: torch.Tensor, *operands: torch.Tensor) -> bool:
     """Whether a GEMM can accumulate in place into ``shortcut``: one dtype, and no autocast to change it."""
-    if torch.is_autocast_enabled(shortcut.device.type):
+    if torch.is_autocast_enabled(shortcut.device.type) or torch.jit.is_tracing():
         return False
     return all(t.dtype == shortcut.dtype for t in operands)
 
@@ -188,7 +194,7 @@ class PositionalEncodingFourier(nn.Module):
     def forward(self, H: int, W: int) -> torch.Tensor:
         """(1, H*W, D) positional tokens."""
         w = self.token_projection.weight
-        if torch.compiler.is_compiling():
+        if _graph_capture():
             pos = self.features(H, W, w.device).flatten(2).transpose(1, 2)
         else:  # the features depend only on the grid: compute them once per (H, W, device)
             key = (H, W, w.device)
