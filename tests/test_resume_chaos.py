@@ -77,7 +77,8 @@ def test_three_random_sigkills_resume_bit_identical(data, reference, tmp_path):
     events = chaos.run_with_kills(args_for(data, out), out, kills=3, rng=random.Random(1), log_file=log)
     assert len(events) == 3 and all("SIGKILL" in e for e in events), events
     text = finish(args_for(data, out), log)
-    assert text.count("resumed ") == 3
+    early = sum("(early)" in e for e in events)  # a kill during start-up may come before the "resumed" line
+    assert text.count("resumed ") >= 3 - early
     assert_bit_identical(reference, out / FINAL)
 
 
@@ -194,5 +195,5 @@ def test_a_dying_rank_ends_the_other_with_a_clear_error(data, tmp_path):
                 p.wait()
     text = (tmp_path / "rank0.log").read_text()
     assert code == 1, text[-3000:]
-    assert "xcit train: error: rank 0 lost contact with another rank" in text
-    assert "Traceback" not in text and "terminate called" not in text
+    assert "xcit train: error: rank 0 lost contact with another rank" in text, text[-3000:]
+    assert "Traceback" not in text and "terminate called" not in text, text[-3000:]
