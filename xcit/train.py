@@ -467,12 +467,18 @@ def restore(
 
 
 def _prune(out: Path, policy: str, keep: int, rows: list[dict]) -> None:
-    """``latest_k``: keep the newest ``keep`` epoch checkpoints. ``top_k``: the ``keep`` with the best val top-1."""
+    """``latest_k``: keep the newest ``keep`` epoch checkpoints. ``top_k``: the ``keep`` with the best val top-1.
+
+    Step checkpoints (``ckpt_interval_steps``) are resume points only: the newest two are kept (two, so that a
+    corrupt newest one still has a fallback), apart from the epoch checkpoints' count.
+    """
+    prune_checkpoints(out, 2, "ckpt_e*_s*.pth")
+    epochs = "ckpt_e[0-9][0-9][0-9][0-9].pth"
     if policy == "latest_k":
-        prune_checkpoints(out, keep, CKPT_PATTERN)
+        prune_checkpoints(out, keep, epochs)
         return
     top1 = {f"ckpt_e{r['epoch'] + 1:04d}.pth": r.get("top1") or -1.0 for r in rows}
-    files = sorted(out.glob(CKPT_PATTERN), key=lambda p: top1.get(p.name, -1.0), reverse=True)
+    files = sorted(out.glob(epochs), key=lambda p: top1.get(p.name, -1.0), reverse=True)
     for p in files[keep:]:
         p.unlink(missing_ok=True)
 
