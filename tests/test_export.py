@@ -33,14 +33,6 @@ def program(model, inputs):
     return export_program(model, inputs[0], dynamic_batch=True, dynamic_size=True)
 
 
-def test_onnx_legacy_dynamic_batch_and_size(model, inputs, tmp_path):
-    pytest.importorskip("onnxruntime")
-    path = export_onnx(model, inputs[0], tmp_path / "m.onnx", dynamic_size=True, exporter="legacy", opset=17)
-    assert onnx_opset(path) == 17
-    diffs = verify(path, "onnx", model, inputs)
-    assert max(diffs) <= 1e-4, diffs
-
-
 def test_onnx_dynamo_from_program(model, inputs, program, tmp_path):
     pytest.importorskip("onnxruntime")
     meta = {"class_names": json.dumps([str(i) for i in range(10)])}
@@ -54,14 +46,6 @@ def test_onnx_dynamo_from_program(model, inputs, program, tmp_path):
     assert json.loads(props["class_names"])[3] == "3"
 
 
-def test_onnx_static_graph_rejects_other_batch(model, inputs, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    path = export_onnx(model, inputs[0], tmp_path / "s.onnx", dynamic_batch=False, exporter="legacy")
-    assert verify(path, "onnx", model, inputs[:1])[0] <= 1e-4
-    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):
-        run_exported(path, "onnx", inputs[1])
-
-
 def test_torch_export_save_and_load(model, inputs, program, tmp_path):
     path = save_program(program, tmp_path / "m.pt2")
     assert max(verify(path, "export", model, inputs)) <= 1e-5
@@ -73,17 +57,32 @@ def test_torchscript_trace(model, inputs, tmp_path):
 
 
 def test_export_command_on_a_training_checkpoint(model, tmp_path, caplog):
-    pytest.importorskip("onnxruntime")
+    ort = pytest.importorskip("onnxruntime")
     ckpt = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict(), "arch": "xcit_nano_12_p16_224", "classes": list("abcdefghij")}, ckpt)
     out = tmp_path / "m.onnx"
-    argv = ["--pretrained", str(ckpt), "--out", str(out), "--img-size", "32", "--dynamic-batch", "--exporter", "legacy"]
+    argv = [
+        "--pretrained",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--img-size",
+        "32",
+        "48",
+        "--batch-size",
+        "2",
+        "--opset",
+        "17",
+    ]
     with caplog.at_level("INFO", logger="xcit"):
         assert export_cmd.main(argv) == 0
-    assert "opset 18" in caplog.text and "(3, 3, 32, 32)" in caplog.text  # the dynamic batch was checked
-    x = torch.randn(4, 3, 32, 32)
+    assert "opset 17" in caplog.text and "(2, 3, 32, 48)" in caplog.text
+    assert onnx_opset(out) == 17
+    x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         torch.testing.assert_close(run_exported(out, "onnx", x), model(x), atol=1e-4, rtol=0)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):  # static unless --dynamic-batch
+        run_exported(out, "onnx", torch.randn(3, 3, 32, 48))
     with pytest.raises(SystemExit):
         export_cmd.main(["--format", "export", "--pretrained", str(ckpt), "--out", str(tmp_path / "m.onnx")])
     with pytest.raises(ValueError, match="multiple of the patch size"):

@@ -1,11 +1,14 @@
 """Export an XCiT to ONNX, TorchScript or a ``torch.export`` program, and check the result against PyTorch.
 
 Dynamic shapes: the Fourier positional encoding is rebuilt from the patch grid with ``arange`` at every forward, so
-both the batch axis and the spatial axes can stay symbolic. With ``torch.export`` (and the dynamo ONNX exporter
-built on it) height and width are declared as ``patch_size * Dim`` so that the model's "multiple of the patch size"
-check becomes a shape constraint instead of a guard; the legacy TorchScript-based ONNX exporter and
-``torch.jit.trace`` record the size arithmetic as graph ops. All four paths give outputs that match PyTorch for
-other batch sizes and resolutions than the example they were traced with (see ``tests/test_export.py``).
+both the batch axis and the spatial axes can stay symbolic. With ``torch.export`` (and the ONNX exporter built on
+it, ``torch.onnx.export(..., dynamo=True)``) height and width are declared as ``patch_size * Dim`` so that the
+model's "multiple of the patch size" check becomes a shape constraint instead of a guard; ``torch.jit.trace``
+records the size arithmetic as graph ops. All three give outputs that match PyTorch for other batch sizes and
+resolutions than the example they were traced with (see ``tests/test_export.py``).
+
+ONNX goes through the dynamo exporter only: the older TorchScript-based exporter (``dynamo=False``) has no
+symbolic for ``aten::mT``, which the attention uses, and even with one its graph only runs at the traced shape.
 
 The exported graphs cannot raise the model's friendly error for sizes that are not a multiple of the patch size:
 feed multiples of ``patch_size`` (16 or 8).
@@ -27,7 +30,6 @@ log = logging.getLogger("xcit")
 
 FORMATS = ("onnx", "torchscript", "export")
 DEFAULT_OPSET = 18  # ONNX opset written by default; onnxruntime >= 1.14 runs it
-EXPORTERS = ("dynamo", "legacy")
 
 
 def _dims(model: XCiT, dynamic_batch: bool, dynamic_size: bool) -> dict[int, object]:
@@ -78,38 +80,27 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamic_size: bool = False,
     opset: int = DEFAULT_OPSET,
-    exporter: str = "dynamo",
     metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write an ONNX graph with input ``image`` (B, C, H, W) and output ``logits`` (B, classes).
-
-    ``exporter="dynamo"`` goes through ``torch.export`` (a given :class:`torch.export.ExportedProgram` is used as
-    is); ``"legacy"`` uses the TorchScript-based exporter. ``metadata`` is stored in the model's
-    ``metadata_props`` (class names, preprocessing).
+    """Write an ONNX graph (``torch.onnx.export(..., dynamo=True)``) with input ``image`` (B, C, H, W) and output
+    ``logits`` (B, classes). A given :class:`torch.export.ExportedProgram` is converted as is; a model is exported
+    with :func:`export_program` first. ``metadata`` is stored in the model's ``metadata_props`` (class names,
+    preprocessing).
     """
     import onnx
 
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     path = Path(path)
-    names = dict(input_names=["image"], output_names=["logits"], opset_version=opset)
     for name in ("onnxscript", "onnx_ir"):  # their INFO lines list every folded constant
         logging.getLogger(name).setLevel(logging.WARNING)
-    if exporter == "dynamo":
-        if isinstance(model, torch.export.ExportedProgram):
-            program = model
-        else:
-            program = export_program(model, example, dynamic_batch, dynamic_size)
-        onnx_program = torch.onnx.export(program, (example,), dynamo=True, verbose=False, **names)
-        onnx_program.save(str(path))
+    if isinstance(model, torch.export.ExportedProgram):
+        program = model
     else:
-        axes = {0: "batch"} if dynamic_batch else {}
-        if dynamic_size:
-            axes.update({2: "height", 3: "width"})
-        dynamic_axes = {"image": axes, "logits": {0: "batch"} if dynamic_batch else {}} if axes else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the patch-size check is data-independent
-            torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, dynamic_axes=dynamic_axes, **names)
+        program = export_program(model, example, dynamic_batch, dynamic_size)
+    onnx_program = torch.onnx.export(
+        program, (example,), dynamo=True, verbose=False, input_names=["image"], output_names=["logits"],
+        opset_version=opset,
+    )  # fmt: skip
+    onnx_program.save(str(path))
     if metadata:
         proto = onnx.load(str(path))
         onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})

@@ -10,7 +10,6 @@ import torch
 
 from ..export import (
     DEFAULT_OPSET,
-    EXPORTERS,
     FORMATS,
     export_onnx,
     export_program,
@@ -54,7 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis dynamic")
     p.add_argument("--dynamic-size", action="store_true", help="make height and width dynamic (multiples of the patch)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
-    p.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="ONNX exporter (default: %(default)s)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest accepted logit difference (default: %(default)s)")
     return p
 
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             "class_names": json.dumps(class_names(model)),
             "preprocessing": json.dumps(preprocessing),
         }
-        export_onnx(model, example, args.out, args.dynamic_batch, args.dynamic_size, args.opset, args.exporter, meta)
+        export_onnx(model, example, args.out, args.dynamic_batch, args.dynamic_size, args.opset, meta)
     elif args.format == "torchscript":
         export_torchscript(model, example, args.out)
     elif args.format == "export":
