@@ -134,7 +134,14 @@ def _resolve_folder(name_or_path: str | os.PathLike, revision: str | None, cache
             "(pip install huggingface_hub)"
         ) from None
     patterns = [CONFIG_NAME, "*.safetensors", "pytorch_model.bin"]
-    return Path(snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
+    try:
+        folder = snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, ...: one clear message
+        raise FileNotFoundError(
+            f"{name_or_path}: no such local folder, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from e
+    return Path(folder)
 
 
 def _weights_file(folder: Path) -> Path:
