@@ -1,0 +1,564 @@
+"""Speed, memory and FLOPs of XCiT, optionally beside timm's implementation of the same model.
+
+Everything here measures; nothing is assumed:
+
+* **Throughput.** Inference (``torch.inference_mode``) and a training step (forward, cross-entropy, backward,
+  AdamW step) in images/s, eager or ``torch.compile``-d, in fp32 or under bf16/fp16 autocast. With a reference
+  model the two run in the same process in alternating rounds (order flipped every round) so that other load on
+  the machine hits both alike; ratios are ours/reference of the median times.
+* **Peak memory.** CUDA: ``torch.cuda.max_memory_allocated`` over one step. CPU: the peak of live tensor bytes
+  over one step, from the PyTorch profiler's allocation records (weights and the input included; the CPU
+  allocator's cache and the Python heap are not).
+* **FLOPs.** ``torch.utils.flop_counter.FlopCounterMode`` on one image (matmuls, convolutions, attention), so both
+  implementations are counted the same way. GMACs = FLOPs / 2.
+* **The machine's peak.** A square GEMM measured in the same run for fp32 and bf16; the fraction of peak is the
+  model's counted FLOPs per second over the GEMM's (3x the forward FLOPs for a training step).
+* **Resolution sweep.** Time per image and peak memory against the token count, for XCiT and for timm's
+  token-attention ``deit_tiny_patch16_224``, with a PNG plot. Batches shrink with resolution so that every point
+  processes about the same number of tokens per call.
+* **Data pipeline.** JPEG decode plus the training transform, in images/s for one worker (see :func:`bench_data`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("infer", "train")
+DEIT = "deit_tiny_patch16_224"  # timm's token-attention baseline for the resolution sweep
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``'s type, or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call, GPU work included."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """Best GFLOP/s of an ``n x n`` GEMM in ``dtype`` (``2 n^3`` FLOPs per call) over ``reps`` calls."""
+    if device.type == "cpu" and n > 1024 and dtype == torch.float16:
+        n = 1024  # CPU fp16 GEMMs can be slow; keep the probe short
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = min(timed(lambda: a @ b, device) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _raw(formula: Callable) -> Callable:
+    """A registered flop formula (already shape-wrapped by torch) marked so FlopCounterMode does not wrap it again."""
+
+    def f(*args, **kwargs):
+        return formula(*args, **kwargs)
+
+    f._get_raw = True
+    return f
+
+
+def count_flops(model: nn.Module, img_size: int, device: torch.device, in_chans: int = 3) -> float:
+    """Forward FLOPs of one image, counted by ``FlopCounterMode`` (matmul, conv, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+    aten = torch.ops.aten
+    # the in-place GEMMs that accumulate into a residual cost what their out-of-place forms do
+    inplace = {aten.addmm_: _raw(flop_registry[aten.addmm]), aten.baddbmm_: _raw(flop_registry[aten.baddbmm])}
+    x = torch.randn(1, in_chans, img_size, img_size, device=device)
+    counter = FlopCounterMode(display=False, custom_mapping=inplace)
+    with torch.no_grad(), counter:
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def peak_memory_mib(step: Callable[[], object], device: torch.device) -> float:
+    """Peak tensor memory (MiB) during one call of ``step``; see the module docstring for what it counts."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's C++ start/stop chatter
+
+    # the timeline follows every allocation by id (needs shapes and stacks), so transients inside ops count too
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        step()
+    _, sizes = MemoryProfileTimeline(p._memory_profile())._coalesce_timeline(device)
+    return max((sum(s) for s in sizes), default=0) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What is timed
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def infer_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+    """One inference batch."""
+    model.eval()
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode(), autocast(x.device, dtype):
+            return model(x)
+
+    return step
+
+
+def adamw(params, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with torch's fused kernel where the device has one, else the multi-tensor (foreach) one."""
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, foreach=True)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+    """One training step: forward, cross-entropy on random labels, backward, AdamW step. fp16 uses a GradScaler."""
+    model.train()
+    opt = adamw(list(model.parameters()), x.device)
+    y = torch.randint(0, 10, (x.shape[0],), device=x.device)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=dtype == torch.float16)
+
+    def step() -> torch.Tensor:
+        with autocast(x.device, dtype):
+            loss = F.cross_entropy(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def alternate(
+    steps: dict[str, Callable[[], object]], device: torch.device, rounds: int, iters: int
+) -> dict[str, list[list[float]]]:
+    """Per name, ``rounds`` lists of ``iters`` call times; the names take turns, in reversed order every round."""
+    times: dict[str, list[list[float]]] = {k: [] for k in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
+            times[k].append([timed(steps[k], device) for _ in range(iters)])
+    return times
+
+
+def summarise(times: list[list[float]], batch: int) -> dict:
+    """img/s and ms per batch from the median call time; every call time is kept."""
+    flat = [t for rnd in times for t in rnd]
+    med = statistics.median(flat)
+    return {
+        "img_per_s": batch / med,
+        "ms_per_batch": med * 1e3,
+        "ms_per_batch_min": min(flat) * 1e3,
+        "round_medians_ms": [statistics.median(r) * 1e3 for r in times],
+    }
+
+
+def ratio(ours: list[list[float]], ref: list[list[float]]) -> dict:
+    """ours/ref throughput: from the overall medians, plus the spread of the per-round ratios."""
+    per_round = [statistics.median(b) / statistics.median(a) for a, b in zip(ours, ref)]
+    med = statistics.median(t for r in ref for t in r) / statistics.median(t for r in ours for t in r)
+    return {"ratio": med, "round_ratio_min": min(per_round), "round_ratio_max": max(per_round)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_pair(
+    name: str, device: torch.device, compare: str | None, pretrained: str | None = None, **overrides
+) -> dict[str, nn.Module]:
+    """Our model and, with ``compare="timm"``, timm's with the very same weights."""
+    import xcit
+
+    ours = xcit.create_model(name, pretrained=pretrained, **overrides).to(device)
+    models = {"ours": ours}
+    if compare == "timm":
+        import timm
+
+        shared = ("embed_dim", "depth", "num_heads", "eta", "tokens_norm", "patch_size", "mlp_ratio", "img_size")
+        kw = {k: v for k, v in overrides.items() if k in shared}  # timm's XCiT takes the same architecture keys
+        ref = timm.create_model(name, num_classes=ours.num_classes, **kw).to(device)
+        ref.load_state_dict(ours.state_dict())  # the layouts are the same, so are the weights
+        models["timm"] = ref
+    elif compare is not None:
+        raise ValueError(f"--compare supports 'timm', got {compare!r}")
+    return models
+
+
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    return torch.compile(model) if enabled else model
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__}
+    with contextlib.suppress(ImportError):
+        import timm
+
+        out["timm"] = timm.__version__
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def bench_mode(
+    models: dict[str, nn.Module],
+    mode: str,
+    x: torch.Tensor,
+    dtype: torch.dtype | None,
+    compile_: bool,
+    warmup: int,
+    rounds: int,
+    iters: int,
+    memory: bool,
+) -> dict:
+    """Time ``mode`` ("infer" or "train") for every model, alternating; results per model plus ratios."""
+    device = x.device
+    make = infer_step if mode == "infer" else train_step
+    steps = {k: make(maybe_compile(m, compile_), x, dtype) for k, m in models.items()}
+    out: dict = {}
+    for k, step in steps.items():
+        t = time.perf_counter()
+        for _ in range(max(1, warmup)):  # the first call compiles
+            step()
+        sync(device)
+        out[k] = {"warmup_s": time.perf_counter() - t}
+    times = alternate(steps, device, rounds, iters)
+    for k, step in steps.items():
+        out[k].update(summarise(times[k], x.shape[0]))
+        if memory:
+            out[k]["peak_memory_mib"] = peak_memory_mib(step, device)
+    if "timm" in steps:
+        out["ratio"] = ratio(times["ours"], times["timm"])
+    return out
+
+
+def add_efficiency(result: dict, flops: dict[str, float], peaks: dict[str, float], dtype_name: str) -> None:
+    """Achieved GFLOP/s and the fraction of the measured GEMM peak (same dtype, and bf16) for every entry."""
+    for mode in MODES:
+        for k, r in result.get(mode, {}).items():
+            if k == "ratio":
+                continue
+            gflop = flops[k] * (3 if mode == "train" else 1) / 1e9  # backward is about twice the forward
+            r["gflops_per_s"] = gflop * r["img_per_s"]
+            peak_key = "bf16" if dtype_name in ("bf16", "fp16") else "fp32"
+            r["fraction_of_peak"] = r["gflops_per_s"] / peaks[peak_key]
+            r["fraction_of_bf16_peak"] = r["gflops_per_s"] / peaks["bf16"]
+
+
+def run(
+    name: str = "xcit_tiny_12_p16_224",
+    batch: int = 16,
+    img_size: int = 224,
+    precision: str = "fp32",
+    compile_: bool = False,
+    modes: tuple[str, ...] = MODES,
+    compare: str | None = None,
+    device: str = "cpu",
+    warmup: int = 2,
+    rounds: int = 5,
+    iters: int = 3,
+    memory: bool = True,
+    pretrained: str | None = None,
+    **overrides,
+) -> dict:
+    """The full benchmark of one configuration; returns a JSON-ready dict (see ``xcit benchmark --help``)."""
+    dev = torch.device(device)
+    dtype = PRECISIONS[precision]
+    models = build_pair(name, dev, compare, pretrained, **overrides)
+    in_chans = models["ours"].cfg.in_chans
+    flops = {k: count_flops(m.eval(), img_size, dev, in_chans) for k, m in models.items()}
+    peaks = {p: matmul_peak(PRECISIONS[p] or torch.float32, dev) for p in ("fp32", "bf16")}
+    result: dict = {
+        "model": name,
+        "batch": batch,
+        "img_size": img_size,
+        "precision": precision,
+        "compile": compile_,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "versions": versions(),
+        "gmacs_per_image": {k: f / 2e9 for k, f in flops.items()},
+        "matmul_peak_gflops": peaks,
+    }
+    x = torch.randn(batch, in_chans, img_size, img_size, device=dev)
+    for mode in modes:
+        result[mode] = bench_mode(models, mode, x, dtype, compile_, warmup, rounds, iters, memory)
+    add_efficiency(result, flops, peaks, precision)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resolution sweep
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def sweep_sizes(name: str, patch: int) -> list[int]:
+    """224 up to 1024 (2048 for nano), including 896 = 16x the tokens of 224."""
+    sizes = [224, 320, 448, 640, 896, 1024]
+    if "nano" in name:
+        sizes += [1536, 2048]
+    return [s for s in sizes if s % patch == 0]
+
+
+def sweep_point(
+    model: nn.Module, size: int, patch: int, tokens_per_call: int, dtype, device, iters: int, memory: bool
+) -> dict:
+    """Time per image and peak memory of one model at one resolution."""
+    tokens = (size // patch) ** 2
+    batch = max(1, round(tokens_per_call / tokens))
+    x = torch.randn(batch, 3, size, size, device=device)
+    step = infer_step(model, x, dtype)
+    step()
+    times = [timed(step, device) for _ in range(iters)]
+    point = {"img_size": size, "tokens": tokens, "batch": batch, "ms_per_image": statistics.median(times) / batch * 1e3}
+    if memory:
+        point["peak_memory_mib"] = peak_memory_mib(step, device)
+        point["peak_memory_mib_per_image"] = point["peak_memory_mib"] / batch
+    return point
+
+
+def sweep(
+    name: str = "xcit_tiny_12_p16_224",
+    precision: str = "fp32",
+    device: str = "cpu",
+    batch: int = 16,
+    iters: int = 3,
+    sizes: list[int] | None = None,
+    deit_max: int = 1024,
+    memory: bool = True,
+    **overrides,
+) -> dict:
+    """XCiT and DeiT-Tiny from 224 up: time per image and peak memory against tokens."""
+    import timm
+
+    import xcit
+
+    dev, dtype = torch.device(device), PRECISIONS[precision]
+    ours = xcit.create_model(name, **overrides).to(dev)
+    sizes = sizes or sweep_sizes(name, ours.patch_size)
+    tokens_per_call = batch * (224 // ours.patch_size) ** 2
+    out: dict = {"model": name, "reference": DEIT, "precision": precision, "tokens_per_call": tokens_per_call}
+    out["ours"] = [sweep_point(ours, s, ours.patch_size, tokens_per_call, dtype, dev, iters, memory) for s in sizes]
+    out["reference_points"] = []
+    for s in (s for s in sizes if s <= deit_max):
+        deit = timm.create_model(DEIT, img_size=s).to(dev)  # learned position table resized to the grid
+        out["reference_points"].append(sweep_point(deit, s, 16, tokens_per_call, dtype, dev, iters, memory))
+    out["scaling"] = scaling(out["ours"]) | {"reference": scaling(out["reference_points"])}
+    return out
+
+
+def scaling(points: list[dict]) -> dict:
+    """Time-per-image growth at 16x the tokens of the first point (224 -> 896 for patch 16)."""
+    base = points[0]
+    for p in points:
+        if p["tokens"] == 16 * base["tokens"]:
+            return {"tokens_ratio": 16, "time_ratio": p["ms_per_image"] / base["ms_per_image"]}
+    return {}
+
+
+def plot_sweep(result: dict, path: str | Path) -> Path:
+    """Two log-log panels, time per image and peak memory per image against tokens, with linear references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = [
+        (result["model"], result["ours"], "tab:blue"),
+        (result["reference"], result["reference_points"], "tab:red"),
+    ]
+    for ax, key, label in zip(axes, ("ms_per_image", "peak_memory_mib_per_image"), ("ms / image", "peak MiB / image")):
+        for name, pts, colour in series:
+            pts = [p for p in pts if key in p]
+            if not pts:
+                continue
+            n = [p["tokens"] for p in pts]
+            ax.plot(n, [p[key] for p in pts], "o-", color=colour, label=name)
+        base = [p for p in result["ours"] if key in p]
+        if base:
+            n0, y0 = base[0]["tokens"], base[0][key]
+            n = [p["tokens"] for p in base]
+            ax.plot(n, [y0 * t / n0 for t in n], ":", color="gray", label="linear in tokens")
+            ax.plot(n, [y0 * (t / n0) ** 2 for t in n], "--", color="lightgray", label="quadratic in tokens")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per image")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f"{result['model']} vs {result['reference']}, {result['precision']}, {torch.get_num_threads()} threads"
+    )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data pipeline
+# ----------------------------------------------------------------------------------------------------------------------
+
+RECIPE = {  # the official training recipe's augmentation (paper / main.py), MindCV's xcit_tiny_12_p16 yaml keys
+    "image_resize": 224,
+    "auto_augment": "randaug-m9-mstd0.5-inc1",
+    "re_prob": 0.25,
+    "re_value": "pixel",
+    "color_jitter": 0.4,
+    "hflip": 0.5,
+    "interpolation": "bicubic",
+}
+
+
+def default_jpeg_dir() -> Path:
+    """Where generated benchmark JPEGs live: ``$XCIT_CACHE/bench_jpegs`` (default ``~/.cache/xcit``)."""
+    from .demo import cache_dir
+
+    return cache_dir() / "bench_jpegs"
+
+
+def write_jpegs(root: str | Path, n: int = 64, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """``n`` distinct natural JPEGs (ImageNet's typical 500x375) cut from scikit-learn's two sample photos."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    root = Path(root)
+    if len(list(root.glob("*/*.jpg"))) >= n:
+        return root
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]  # 427x640 each
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        im = photos[i % len(photos)]
+        w, h = im.size
+        cw, ch = int(rng.integers(w // 2, w + 1)), int(rng.integers(h // 2, h + 1))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = im.crop((x0, y0, x0 + cw, y0 + ch)).resize(size if i % 2 else size[::-1], Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop.save(root / "images" / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def timm_pipeline(recipe: dict) -> tuple[Callable, Callable]:
+    """timm's loader and ``create_transform`` for ``recipe``, the reference."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    def load(path: Path):
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+
+    transform = create_transform(
+        recipe["image_resize"],
+        is_training=True,
+        auto_augment=recipe["auto_augment"].replace("randaug", "rand"),
+        color_jitter=recipe["color_jitter"],
+        hflip=recipe["hflip"],
+        re_prob=recipe["re_prob"],
+        re_mode=recipe["re_value"],
+        interpolation=recipe["interpolation"],
+    )
+    return load, transform
+
+
+def our_pipeline(recipe: dict) -> tuple[Callable, Callable]:
+    """The loader and training transform ``xcit train`` uses for ``recipe``."""
+    from .config import TrainConfig
+    from .data import train_transform
+    from .imageio import load_rgb
+
+    return load_rgb, train_transform(TrainConfig(**recipe))
+
+
+def bench_data(
+    folder: str | Path, rounds: int = 5, recipe: dict | None = None, limit: int | None = None, seed: int = 0
+) -> dict:
+    """Decode + training transform, images/s in this one process (= per data-loader worker), ours vs timm.
+
+    The two pipelines take turns over the same files, round after round, with the same seeds; the per-stage
+    split of our pipeline (decode, transform) says where the time goes.
+    """
+    import random
+
+    recipe = {**RECIPE, **(recipe or {})}
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:limit]
+    if not files:
+        raise FileNotFoundError(f"no JPEG files under {folder}")
+    pipes = {"ours": our_pipeline(recipe), "timm": timm_pipeline(recipe)}
+    times: dict[str, list[float]] = {k: [] for k in pipes}
+    decode: list[float] = []
+    for r in range(rounds):
+        for k in pipes if r % 2 == 0 else list(pipes)[::-1]:
+            load, transform = pipes[k]
+            random.seed(seed + r)
+            torch.manual_seed(seed + r)
+            t = time.perf_counter()
+            for f in files:
+                transform(load(f))
+            times[k].append((time.perf_counter() - t) / len(files))
+        t = time.perf_counter()
+        for f in files:
+            pipes["ours"][0](f)
+        decode.append((time.perf_counter() - t) / len(files))
+    out = {"folder": str(folder), "images": len(files), "recipe": recipe}
+    for k, ts in times.items():
+        out[k] = {"img_per_s": 1 / statistics.median(ts), "round_img_per_s": [1 / t for t in ts]}
+    out["ours"]["decode_ms"] = statistics.median(decode) * 1e3
+    out["ours"]["transform_ms"] = 1e3 / out["ours"]["img_per_s"] - out["ours"]["decode_ms"]
+    out["ratio"] = out["ours"]["img_per_s"] / out["timm"]["img_per_s"]
+    return out

@@ -1,0 +1,182 @@
+"""``xcit benchmark``: inference and training-step throughput, peak memory, GMACs and the fraction of the machine's
+measured matmul peak; ``--compare timm`` runs timm's same model beside ours, ``--sweep-resolution`` plots time and
+memory against tokens next to DeiT, ``--data`` times the JPEG training pipeline, ``--agreement`` checks that bf16
+keeps fp32's predictions.
+
+Examples::
+
+    xcit benchmark --compare timm --threads 2                       # eager fp32, inference and train step
+    xcit benchmark --compare timm --precision bf16 --compile
+    xcit benchmark --sweep-resolution --plot assets/resolution_sweep.png
+    xcit benchmark --data                                           # generated JPEGs; or --data DIR
+    xcit benchmark --agreement ~/.cache/xcit/digits/val --pretrained ckpt/demo/best.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import benchmark as B
+
+log = logging.getLogger("xcit")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="xcit benchmark", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--model", default=None, help="variant name (default xcit_tiny_12_p16_224, or the checkpoint's)")
+    p.add_argument("--pretrained", default=None, help="weights to load (speed does not depend on them)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--img-size", "--img_size", dest="img_size", type=int, default=224)
+    p.add_argument("--precision", choices=list(B.PRECISIONS), default="fp32", help="fp32, or bf16/fp16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model first (compile time excluded)")
+    p.add_argument("--mode", choices=["infer", "train", "both"], default="both")
+    p.add_argument("--compare", choices=["timm"], default=None, help="time timm's same model, alternating")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per model (the first one compiles)")
+    p.add_argument("--iters", type=int, default=3, help="timed calls per model per round")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
+    p.add_argument("--sweep-resolution", action="store_true", help="time and memory from 224 to 1024 (2048 nano)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="sweep resolutions (default: 224..1024)")
+    p.add_argument("--plot", default="assets/resolution_sweep.png", help="where the sweep's PNG goes")
+    p.add_argument(
+        "--data",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="time decode + training transform on a JPEG folder (no DIR: generate one)",
+    )
+    p.add_argument("--data-images", type=int, default=64, help="images in a generated --data folder")
+    p.add_argument(
+        "--agreement",
+        default=None,
+        metavar="DIR",
+        help="top-1 agreement of bf16/fp16 with fp32 on an ImageFolder split (use with --pretrained)",
+    )
+    p.add_argument("--results_file", "--results-file", dest="results_file", default=None, help="write JSON here")
+    return p.parse_args(argv)
+
+
+def _row(name: str, r: dict) -> str:
+    mem = f"{r['peak_memory_mib']:9.1f}" if "peak_memory_mib" in r else f"{'-':>9}"
+    return (
+        f"  {name:<5} {r['img_per_s']:9.1f} {r['ms_per_batch']:10.1f} {mem} {r['gflops_per_s']:9.1f}"
+        f" {100 * r['fraction_of_peak']:7.1f}% {100 * r['fraction_of_bf16_peak']:7.1f}%"
+    )
+
+
+def report(res: dict) -> None:
+    """The benchmark's table: one block per mode, ratios last."""
+    peaks = res["matmul_peak_gflops"]
+    print(
+        f"{res['model']}  batch {res['batch']}  {res['img_size']}px  {res['precision']}"
+        f"{'  compiled' if res['compile'] else '  eager'}  {res['device']}  {res['threads']} threads"
+    )
+    print(f"measured GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print("GMACs/image: " + ", ".join(f"{k} {v:.3f}" for k, v in res["gmacs_per_image"].items()))
+    for mode in B.MODES:
+        if mode not in res:
+            continue
+        cols = ("img/s", "ms/batch", "peak MiB", "GFLOP/s", "of peak", "of bf16")
+        print(f"{mode}:  {'':5} " + " ".join(f"{c:>{w}}" for c, w in zip(cols, (9, 10, 9, 9, 8, 8))))
+        for k, r in res[mode].items():
+            if k != "ratio":
+                print(_row(k, r))
+        if "ratio" in res[mode]:
+            q = res[mode]["ratio"]
+            print(f"  ours/timm {q['ratio']:.3f}  (per-round {q['round_ratio_min']:.3f} .. {q['round_ratio_max']:.3f})")
+
+
+def report_sweep(res: dict) -> None:
+    print(f"resolution sweep, {res['precision']}, ~{res['tokens_per_call']} tokens per call")
+    ref = {p["img_size"]: p for p in res["reference_points"]}
+    print(f"  {'size':>5} {'tokens':>7} {'ours ms/img':>12} {'MiB/img':>8} {'deit ms/img':>12} {'MiB/img':>8}")
+    for p in res["ours"]:
+        d = ref.get(p["img_size"], {})
+        nan = float("nan")
+        ours = f"{p['ms_per_image']:12.1f} {p.get('peak_memory_mib_per_image', nan):8.1f}"
+        deit = f"{d.get('ms_per_image', nan):12.1f} {d.get('peak_memory_mib_per_image', nan):8.1f}"
+        print(f"  {p['img_size']:5d} {p['tokens']:7d} {ours} {deit}")
+    s = res["scaling"]
+    if "time_ratio" in s:
+        deit = s["reference"].get("time_ratio", float("nan"))
+        print(f"  16x tokens -> ours {s['time_ratio']:.1f}x time per image, deit {deit:.1f}x")
+
+
+def agreement(folder: str, name: str, pretrained: str | None, device: str, batch: int, img_size: int | None) -> dict:
+    """Top-1 agreement of bf16 and fp16 autocast with fp32 over an ImageFolder split (eval transform)."""
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from ..predict import eval_preprocessing, eval_transform, load_model
+
+    model = load_model(name, pretrained).to(device).eval()  # a training checkpoint rebuilds its own architecture
+    ds = ImageFolder(folder, transform=eval_transform(eval_preprocessing(model, pretrained, img_size)))
+    preds: dict[str, list[torch.Tensor]] = {p: [] for p in B.PRECISIONS}
+    labels = []
+    with torch.inference_mode():
+        for x, y in DataLoader(ds, batch_size=batch):
+            labels.append(y)
+            for p, dtype in B.PRECISIONS.items():
+                with B.autocast(torch.device(device), dtype):
+                    preds[p].append(model(x.to(device)).float().argmax(-1).cpu())
+    top1 = {p: torch.cat(v) for p, v in preds.items()}
+    y = torch.cat(labels)
+    out = {"folder": folder, "images": len(y), "top1": {p: float((v == y).float().mean()) for p, v in top1.items()}}
+    out["agreement_with_fp32"] = {p: float((v == top1["fp32"]).float().mean()) for p, v in top1.items() if p != "fp32"}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None and not (args.agreement and args.pretrained):
+        args.model = "xcit_tiny_12_p16_224"
+    results: dict = {"command": "xcit benchmark " + shlex.join(sys.argv[2:] if argv is None else argv)}
+    if args.data is not None:
+        folder = args.data or B.write_jpegs(B.default_jpeg_dir(), n=args.data_images)
+        res = B.bench_data(folder, rounds=args.rounds)
+        results["data"] = res
+        print(f"data pipeline on {res['images']} JPEGs ({folder}), one worker:")
+        print(
+            f"  ours {res['ours']['img_per_s']:.1f} img/s (decode {res['ours']['decode_ms']:.2f} ms + transform"
+            f" {res['ours']['transform_ms']:.2f} ms),  timm {res['timm']['img_per_s']:.1f} img/s,"
+            f"  ours/timm {res['ratio']:.3f}"
+        )
+    elif args.agreement:
+        size = args.img_size if args.img_size != 224 else None  # default: the checkpoint's own resolution
+        res = agreement(args.agreement, args.model, args.pretrained, args.device, args.batch, size)
+        results["agreement"] = res
+        print(f"{res['images']} images: top-1 " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res["top1"].items()))
+        print("agreement with fp32: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res["agreement_with_fp32"].items()))
+    elif args.sweep_resolution:
+        res = B.sweep(args.model, args.precision, args.device, args.batch, args.iters, args.sizes, memory=args.memory)
+        res["plot"] = str(B.plot_sweep(res, args.plot))
+        results["sweep"] = res
+        report_sweep(res)
+        print(f"plot: {res['plot']}")
+    else:
+        modes = B.MODES if args.mode == "both" else (args.mode,)
+        res = B.run(
+            args.model, args.batch, args.img_size, args.precision, args.compile, modes, args.compare, args.device,
+            args.warmup, args.rounds, args.iters, args.memory, args.pretrained,
+        )  # fmt: skip
+        results.update(res)
+        report(res)
+    if args.results_file:
+        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results_file).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results: {args.results_file}")
+    return 0
