@@ -205,6 +205,7 @@ def train_transform(cfg: TrainConfig):
         std=std,
         re_prob=0.0,
     )
+    _posterize_accepts_zero_bits(t)
     if cfg.re_prob > 0:
         erase = RandomErasing(
             cfg.re_prob,
@@ -218,6 +219,28 @@ def train_transform(cfg: TrainConfig):
         )
         t = transforms.Compose([*t.transforms, erase])
     return t
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's ``posterize`` with 0 bits allowed: a black image, what older Pillow returned (mask ``~255``)."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    return img.point(lambda _: 0) if bits_to_keep <= 0 else ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_accepts_zero_bits(transform) -> None:
+    """RandAugment's posterize keeps 0 bits at the ends of the magnitude range (``PosterizeIncreasing``: 4 - 4 at
+    magnitude 10, ``Posterize``: 0 at magnitude 0), which magnitude noise reaches: about 1 image in 550 with
+    ``rand-m9-mstd0.5-inc1``. Recent Pillow (13 here) raises on 0 bits, so each such op gets :func:`_posterize`."""
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
 
 
 def eval_transform(cfg: TrainConfig):
