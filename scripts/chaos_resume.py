@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule and of the training runs")
     p.add_argument("--epochs", type=int, default=None, help="default: enough steps for every kill (>= 3)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the training runs")
-    p.add_argument("--auto_augment", default="randaug-m9-mstd0.5-mmax9-inc1", help="RandAugment policy of the runs")
+    p.add_argument("--auto_augment", default="randaug-m9-mstd0.5-inc1", help="RandAugment policy of the runs")
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     a = p.parse_args(argv)
 

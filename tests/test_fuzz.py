@@ -379,3 +379,18 @@ def test_training_image_folder_skips_or_decodes_broken_files(case):
     for i in range(len(ds)):
         img, label = ds[i]
         assert img.mode == "RGB" and label == 0
+
+
+@pytest.mark.parametrize("policy", ["rand-m10-inc1", "rand-m0", "randaug-m9-mstd0.5-inc1"])
+def test_randaugment_extremes_never_raise(policy):
+    """Posterize keeps 0 bits at magnitude 10 (increasing variant) or 0 (plain): a black image, not a ValueError."""
+    import random
+
+    from xcit.config import config_from_dict
+    from xcit.data import train_transform
+
+    transform = train_transform(config_from_dict({"auto_augment": policy, "image_resize": 16, "re_prob": 0.25}))
+    image = Image.open(io.BytesIO(IMAGE_SEEDS[".png"])).convert("RGB")
+    random.seed(0)
+    for _ in range(300):  # posterize is drawn for ~1 image in 8
+        assert transform(image).shape == (3, 16, 16)
