@@ -88,8 +88,9 @@ def run_with_kills(args: list[str], out: Path, kills: int, rng: random.Random, l
         if early:  # during start-up: imports, data scan, loading the checkpoint to resume from
             time.sleep(rng.uniform(0.0, 3.0))
         else:
-            want = rng.randint(1, 4)
-            while proc.poll() is None and len(checkpoints(out) - before) < want:
+            want, seen = rng.randint(1, 4), set()
+            while proc.poll() is None and len(seen) < want:  # names accumulate: pruning deletes old ones
+                seen |= checkpoints(out) - before
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.15))  # a random point of the next step: forward, backward, save, prune
         if proc.poll() is not None:

@@ -53,8 +53,11 @@ def reference(data) -> Path:
 
 
 def wait_for_checkpoints(proc: subprocess.Popen, out: Path, n: int, timeout: float = 120) -> None:
-    before, t0 = chaos.checkpoints(out), time.monotonic()
-    while len(chaos.checkpoints(out) - before) < n:
+    before, seen, t0 = chaos.checkpoints(out), set(), time.monotonic()
+    while True:
+        seen |= chaos.checkpoints(out) - before  # names accumulate: pruning deletes old ones
+        if len(seen) >= n:
+            return
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before writing {n} checkpoints"
         assert time.monotonic() - t0 < timeout, "no progress"
         time.sleep(0.005)
