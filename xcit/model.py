@@ -104,6 +104,8 @@ def _accumulates(shortcut: torch.Tensor, *operands: torch.Tensor) -> bool:
 
 def _add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
+    if torch.compiler.is_compiling():  # a bias-free GEMM; inductor fuses both adds into the next LayerNorm
+        return shortcut + bias + x @ weight.t()
     if not _accumulates(shortcut, x, weight):
         return shortcut + F.linear(x, weight, bias)
     out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
@@ -210,6 +212,16 @@ class PositionalEncodingFourier(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _column_norms(t: torch.Tensor) -> torch.Tensor:
+    """L2 norms over tokens of a (B, N, C) view, in fp32, at least 1e-12 (F.normalize's eps)."""
+    if torch.compiler.is_compiling():  # inductor runs a strided column sum serially; a GEMV with ones is parallel
+        ones = torch.ones(t.shape[0], 1, t.shape[1], device=t.device, dtype=torch.float32)
+        sq = torch.bmm(ones, t.float().square()).squeeze(1)
+    else:  # several times faster than vector_norm over the strided token dim
+        sq = (t * t).sum(dim=1, dtype=torch.float32)
+    return sq.sqrt().clamp_min(1e-12)
+
+
 class XCA(nn.Module):
     """Cross-covariance attention (paper sec. 3.1): a softmax over the (d_h x d_h) channel map ``q^T k``.
 
@@ -248,8 +260,7 @@ class XCA(nn.Module):
             attn = self._gram(q, k).float()
         else:
             # official: F.normalize(q, dim=-1) over tokens with eps 1e-12
-            # (a sum of squares is several times faster than vector_norm over the strided token dim)
-            qn, kn = ((t * t).sum(dim=1, dtype=torch.float32).sqrt().clamp_min(1e-12) for t in (q, k))  # (B, C)
+            qn, kn = (_column_norms(t) for t in (q, k))  # (B, C)
             if q.dtype == torch.float16:  # fp16 Gram entries can overflow before normalisation: normalise first
                 # (1 / 1e-12 is inf in fp16, so scale in fp32; unit vectors then fit fp16)
                 q, k = (q.float() / qn.unsqueeze(1)).to(q.dtype), (k.float() / kn.unsqueeze(1)).to(k.dtype)
@@ -273,6 +284,8 @@ class XCA(nn.Module):
             w_t, b = w_t * gamma, b * gamma
         # out[n, o] = sum_{h,i,j} Wp[o, (h, i)] attn[h, i, j] v[n, (h, j)]: mixing[(h, j), o] = (attn_h^T Wp_h^T)[j, o]
         mixing = (attn.to(v.dtype).mT @ w_t.view(h, C // h, C)).view(B, C, C)
+        if shortcut is not None and torch.compiler.is_compiling():  # as in _add_linear
+            return shortcut + b + v @ mixing
         if shortcut is None:
             return torch.baddbmm(b, v, mixing)
         if _accumulates(shortcut, v, mixing):
@@ -321,7 +334,10 @@ class Mlp(nn.Module):
         self, x: torch.Tensor, shortcut: torch.Tensor | None = None, gamma: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``fc2(act(fc1(x)))``, or ``shortcut + gamma * fc2(...)`` with the residual accumulated by the GEMM."""
-        x = _act_(self.act, self.fc1(x))
+        if torch.compiler.is_compiling():  # bias-free GEMM; inductor fuses the bias into the GELU
+            x = self.act(x @ self.fc1.weight.t() + self.fc1.bias)
+        else:
+            x = _act_(self.act, self.fc1(x))
         w, b = self.fc2.weight, self.fc2.bias
         if gamma is not None:  # LayerScale folded into fc2's output rows
             w, b = w * gamma.unsqueeze(-1), b * gamma
