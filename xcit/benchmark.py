@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's C++ start/stop chatter (memory peaks)
+
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("infer", "train")
 DEIT = "deit_tiny_patch16_224"  # timm's token-attention baseline for the resolution sweep
@@ -109,8 +111,6 @@ def peak_memory_mib(step: Callable[[], object], device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import MemoryProfileTimeline
-
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's C++ start/stop chatter
 
     # the timeline follows every allocation by id (needs shapes and stacks), so transients inside ops count too
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
@@ -479,7 +479,10 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
             ax.plot(n, [y0 * (t / n0) ** 2 for t in n], "--", color="lightgray", label="quadratic in tokens")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("tokens per image")
+        ticks = [p["tokens"] for p in result["ours"]]
+        ax.set_xticks(ticks, [f"{t}\n{p['img_size']}px" for t, p in zip(ticks, result["ours"])], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("tokens per image (resolution)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
