@@ -575,7 +575,12 @@ def our_pipeline(recipe: dict) -> tuple[Callable, Callable]:
 
 
 def bench_data(
-    folder: str | Path, rounds: int = 5, recipe: dict | None = None, limit: int | None = None, seed: int = 0
+    folder: str | Path,
+    rounds: int = 5,
+    recipe: dict | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    max_busy: float | None = None,
 ) -> dict:
     """Decode + training transform, images/s in this one process (= per data-loader worker), ours vs timm.
 
@@ -592,6 +597,7 @@ def bench_data(
     times: dict[str, list[float]] = {k: [] for k in pipes}
     decode: list[float] = []
     for r in range(rounds):
+        settle(max_busy)
         for k in pipes if r % 2 == 0 else list(pipes)[::-1]:
             load, transform = pipes[k]
             random.seed(seed + r)

@@ -166,7 +166,8 @@ class ConvPatchEmbed(nn.Module):
 class PositionalEncodingFourier(nn.Module):
     """Fourier features of the (y, x) patch position projected to D by a 1x1 conv (official xcit.py).
 
-    Recomputed from the grid size at every call, so any resolution works without interpolation.
+    Computed from the grid size, so any resolution works without interpolation. The Fourier features depend on the
+    grid alone and are kept for the last (H, W, device) seen; only the 1x1 projection runs at every call.
     """
 
     def __init__(self, dim: int, hidden_dim: int = 32, temperature: float = 10000.0) -> None:

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": "xcit benchmark " + shlex.join(sys.argv[2:] if argv is None else argv)}
     if args.data is not None:
         folder = args.data or B.write_jpegs(B.default_jpeg_dir(), n=args.data_images)
-        res = B.bench_data(folder, rounds=args.rounds)
+        res = B.bench_data(folder, rounds=args.rounds, max_busy=args.settle)
         results["data"] = res
         print(f"data pipeline on {res['images']} JPEGs ({folder}), one worker:")
         print(
