@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{res['images']} images: top-1 " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res["top1"].items()))
         print("agreement with fp32: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res["agreement_with_fp32"].items()))
     elif args.sweep_resolution:
-        res = B.sweep(args.model, args.precision, args.device, args.batch, args.iters, args.sizes, memory=args.memory)
+        res = B.sweep(
+            args.model, args.precision, args.device, args.batch, args.iters, args.sizes, memory=args.memory,
+            max_busy=args.settle,
+        )  # fmt: skip
         res["plot"] = str(B.plot_sweep(res, args.plot))
         results["sweep"] = res
         report_sweep(res)
