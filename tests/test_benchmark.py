@@ -57,6 +57,7 @@ def test_cli_writes_results_file(tmp_path, capsys):
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert res["command"].startswith("xcit benchmark") and res["precision"] == "bf16" and res["threads"] == 1
+    assert set(res["matmul_peak_gflops"]) == {"fp32", "bf16"}
     assert "train" not in res and _finite_positive(res["infer"]["ours"]["img_per_s"])
     assert "peak_memory_mib" not in res["infer"]["ours"]
     assert "ours" in capsys.readouterr().out

@@ -90,7 +90,7 @@ def report(res: dict) -> None:
         f"{res['model']}  batch {res['batch']}  {res['img_size']}px  {res['precision']}"
         f"{'  compiled' if res['compile'] else '  eager'}  {res['device']}  {res['threads']} threads"
     )
-    print(f"measured GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print("measured GEMM peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print("GMACs/image: " + ", ".join(f"{k} {v:.3f}" for k, v in res["gmacs_per_image"].items()))
     for mode in B.MODES:
         if mode not in res:
