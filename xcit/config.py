@@ -450,9 +450,14 @@ def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         out.append("dataset_sink_mode: Ascend data sinking has no PyTorch equivalent; the key has no effect")
     if "device_target" in explicit and cfg.device_target == "ascend":
         out.append("device_target: Ascend is not available; using CUDA if present, else CPU")
-    elif "device_target" in explicit:
+    elif "device_target" in explicit and cfg.device_target != "auto":
         out.append(f"device_target: {cfg.device_target}")
-    out += [f"{k}: accepted, no effect here" for k in IGNORED_KEYS if k in explicit and getattr(cfg, k)]
+    defaults = TrainConfig()  # a resolved config written beside a checkpoint repeats the defaults: no notice then
+    out += [
+        f"{k}: accepted, no effect here"
+        for k in IGNORED_KEYS
+        if k in explicit and getattr(cfg, k) and getattr(cfg, k) != getattr(defaults, k)
+    ]
     if cfg.amp_level != "O0" and "loss_scale_type" in explicit and cfg.loss_scale_type == "fixed":
         out.append("loss_scale_type: fixed -> fp16 uses torch's dynamic GradScaler starting at loss_scale")
     if cfg.re_max_attempts != 10:
