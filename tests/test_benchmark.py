@@ -176,3 +176,26 @@ def test_fast_paths_keep_timm_gradients():
         torch.testing.assert_close(p.grad, want[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     for (name, a), b in zip(ours.named_buffers(), ref.buffers()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_compiled_paths_match_timm_on_cpu():
+    """torch.compile takes separate code paths (bias-free GEMMs, GEMV token norms, unfolded LayerScale in LPI):
+    compiled inference gives timm's logits, and a compiled training step gives timm's gradients."""
+    timm = pytest.importorskip("timm")
+    import xcit
+
+    from .conftest import perturb_
+
+    ref = perturb_(timm.create_model(NANO, num_classes=10, **TINY))
+    ours = xcit.create_model(NANO, num_classes=10, **TINY)
+    ours.load_state_dict(ref.state_dict())
+    x, y = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    compiled = torch.compile(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), ref.eval()(x), rtol=0, atol=1e-4)
+    for m in (ref.train(), compiled.train()):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    want = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if not name.endswith("attn.k.bias"):  # cancels in the softmax (see the test above)
+            torch.testing.assert_close(p.grad, want[name].grad, rtol=1e-4, atol=1e-5, msg=name)
