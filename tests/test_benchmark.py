@@ -178,6 +178,7 @@ def test_fast_paths_keep_timm_gradients():
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.slow
 def test_compiled_paths_match_timm_on_cpu():
     """torch.compile takes separate code paths (bias-free GEMMs, GEMV token norms, unfolded LayerScale in LPI):
     compiled inference gives timm's logits, and a compiled training step gives timm's gradients."""

@@ -63,6 +63,7 @@ def epochs(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_and_validate_like_one_process(tmp_path):
     data = write_digits(tmp_path / "digits", classes=4, per_class=16)  # 51 train, 13 val images
     one, two = tmp_path / "one", tmp_path / "two"

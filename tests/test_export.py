@@ -33,6 +33,7 @@ def program(model, inputs):
     return export_program(model, inputs[0], dynamic_batch=True, dynamic_size=True)
 
 
+@pytest.mark.slow
 def test_onnx_dynamo_from_program(model, inputs, program, tmp_path):
     pytest.importorskip("onnxruntime")
     meta = {"class_names": json.dumps([str(i) for i in range(10)])}

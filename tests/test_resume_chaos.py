@@ -75,6 +75,7 @@ def assert_bit_identical(reference: Path, final: Path) -> None:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_three_random_sigkills_resume_bit_identical(data, reference, tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     events = chaos.run_with_kills(args_for(data, out), out, kills=3, rng=random.Random(1), log_file=log)
@@ -86,6 +87,7 @@ def test_three_random_sigkills_resume_bit_identical(data, reference, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, reference, tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = chaos.start(args_for(data, out), log)
@@ -105,6 +107,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data, reference, tmp_path)
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data, reference, tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = chaos.start(args_for(data, out), log)
@@ -124,6 +127,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data, referenc
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_failing_checkpoint_write_keeps_the_previous_one(data, reference, tmp_path):
     """A real write failure half way through a checkpoint: the file-size limit is lowered under the running
     process (write(2) then fails with EFBIG, as it fails with ENOSPC on a full disk)."""
@@ -141,6 +145,7 @@ def test_failing_checkpoint_write_keeps_the_previous_one(data, reference, tmp_pa
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_torchrun_restart_resumes_by_itself(data, reference, tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     args = args_for(data, out)

@@ -34,6 +34,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_seed_train_then_validate_commands(tmp_path):
     data = write_digits(tmp_path / "digits", classes=4, per_class=20)
     out, train_json, val_json = tmp_path / "ckpt", tmp_path / "train.json", tmp_path / "val.json"
@@ -58,6 +59,12 @@ def test_seed_train_then_validate_commands(tmp_path):
     assert checked["top1"] == trained["top1"] and checked["top5"] == trained["top5"]
     assert checked["loss"] == pytest.approx(trained["loss"], rel=1e-6)
     assert {"top1", "top5", "loss", "num_images", "img_per_sec", "model"} <= set(checked)
+    # without the recipe, the preprocessing recorded in the checkpoint applies (32 px here, not the default 224)
+    proc = run("validate.py", "--data_dir", str(data), "--ckpt_path", trained["checkpoint"], "--results_file",
+               str(val_json))  # fmt: skip
+    assert "preprocessing from the checkpoint: image_resize 32" in proc.stdout + proc.stderr
+    bare = json.loads(val_json.read_text())
+    assert bare["top1"] == trained["top1"] and bare["loss"] == pytest.approx(trained["loss"], rel=1e-6)
     # what the run leaves beside its checkpoints
     for name in ("config.yaml", "train.log", "metrics.csv", "metrics.jsonl", "metrics.png", "best.pth"):
         assert (out / name).is_file(), name
@@ -69,6 +76,7 @@ def test_seed_train_then_validate_commands(tmp_path):
     assert xcit.read_weights(trained["checkpoint"], use_ema=True).extra["classes"] == ckpt["classes"]
     log_text = (out / "train.log").read_text()
     assert "global batch 16 = batch_size 16 x 1 process(es)" in log_text and "lr_scale none" in log_text
+    assert log_text.count("epoch 3/3: train loss") == 1
 
 
 def test_demo_is_the_default_command(tmp_path, monkeypatch, caplog):

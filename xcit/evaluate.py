@@ -87,8 +87,9 @@ def _all_reduce_max(t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def model_for_eval(path: str | Path, cfg, device: torch.device) -> tuple[nn.Module, list[str] | None]:
-    """The model stored at ``path`` (EMA weights when the file has them) and its class names if recorded.
+def model_for_eval(path: str | Path, cfg, device: torch.device) -> tuple[nn.Module, list[str] | None, dict]:
+    """The model stored at ``path`` (EMA weights when the file has them), its class names if recorded, and the
+    training config recorded with it (empty for files not written by ``xcit train``).
 
     A checkpoint written by ``xcit train`` rebuilds its own architecture (overrides included); any other weight
     file (official, timm, MindCV, safetensors) is loaded into ``cfg.model`` with ``cfg.model_overrides``. A
@@ -111,9 +112,23 @@ def model_for_eval(path: str | Path, cfg, device: torch.device) -> tuple[nn.Modu
             use_ema = isinstance(ckpt.get("ema"), dict)
             load_state_dict_checked(model, ckpt["ema"] if use_ema else ckpt["model"], strict=True, source=path)
             log.info("%s: %s weights from epoch %s", path, "EMA" if use_ema else "model", ckpt.get("epoch"))
-            return model.to(device).eval(), ckpt.get("classes")
+            recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+            return model.to(device).eval(), ckpt.get("classes"), recorded
     model = create_model(cfg.model, pretrained=path, use_ema=cfg.ema, **cfg.model_overrides)
-    return model.to(device).eval(), model.class_names
+    return model.to(device).eval(), model.class_names, {}
+
+
+# the evaluation transform's keys: a training checkpoint's values apply unless the YAML or a flag sets them
+PREPROCESSING_KEYS = ("image_resize", "crop_pct", "interpolation", "mean", "std")
+
+
+def _recorded_preprocessing(cfg, recorded: dict, explicit: set[str]) -> None:
+    """Take the preprocessing a checkpoint was trained with for every key the user did not set."""
+    taken = {k: recorded[k] for k in PREPROCESSING_KEYS if k in recorded and k not in explicit}
+    for key, value in taken.items():
+        setattr(cfg, key, value)
+    if taken:
+        log.info("preprocessing from the checkpoint: %s", ", ".join(f"{k} {v}" for k, v in taken.items()))
 
 
 def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
@@ -130,7 +145,8 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
     setup_logging(None, world.rank)
     for line in notices(cfg, set(explicit)):
         log.info("notice: %s", line)
-    model, classes = model_for_eval(cfg.ckpt_path, cfg, world.device)
+    model, classes, recorded = model_for_eval(cfg.ckpt_path, cfg, world.device)
+    _recorded_preprocessing(cfg, recorded, set(explicit))
     folders = class_folders(Path(cfg.data_dir) / cfg.val_split) if (Path(cfg.data_dir) / cfg.val_split).is_dir() else []
     if classes and sorted(folders) != sorted(classes) and not cfg.ignore_class_mismatch:
         missing, extra = sorted(set(classes) - set(folders)), sorted(set(folders) - set(classes))

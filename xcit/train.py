@@ -524,7 +524,6 @@ def _log_epoch(epoch: int, epochs: int, stats: dict, val: dict | None, state: Tr
         msg += f" | val top-1 {val['top1']:.2f}, top-5 {val['top5']:.2f}, loss {val['loss']:.4f}"
         msg += f" (best {state.best_top1:.2f})"
     log.info(msg)
-    step_log.info(msg)
 
 
 def _finish(cfg: TrainConfig, out: Path, val: dict | None, is_main: bool) -> dict:
