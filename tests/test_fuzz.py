@@ -6,6 +6,7 @@ message that names the file, instead of a traceback from inside torch, PIL, prot
 """
 
 import io
+import os
 import struct
 import tempfile
 import zlib
@@ -23,11 +24,13 @@ from xcit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from xcit.imageio import MAX_PIXELS, ImageError, load_rgb
 from xcit.mindspore_ckpt import MindSporeCheckpointError, read_mindspore_ckpt, timm_to_mindcv, write_mindspore_ckpt
 
+# XCIT_FUZZ_EXAMPLES=N XCIT_FUZZ_SEED=S runs a longer campaign with other examples (the suite: 60, fixed)
+_CAMPAIGN = os.environ.get("XCIT_FUZZ_EXAMPLES")
 FUZZ = settings(
-    max_examples=60,
+    max_examples=int(_CAMPAIGN or 60),
     deadline=timedelta(seconds=5),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    derandomize=True,  # the same examples every run: a failure reproduces, the suite stays deterministic
+    derandomize=_CAMPAIGN is None,  # the suite sees the same examples every run: a failure reproduces
 )
 CLEAN = (xcit.WeightsError, CheckpointError, MindSporeCheckpointError, ImageError)
 

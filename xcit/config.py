@@ -205,6 +205,10 @@ class TrainConfig:
         """True/False when set explicitly; None means "mode 0 compiles on CUDA only"."""
         return self.compile if self.compile is not None else (None if self.mode == 0 else False)
 
+    def compiles_on(self, device_type: str) -> bool:
+        """Whether to ``torch.compile`` on this device type: ``compile`` if set, else graph mode on CUDA."""
+        return self.use_compile if self.use_compile is not None else device_type == "cuda"
+
 
 def _plain(v: Any) -> Any:
     if isinstance(v, tuple):

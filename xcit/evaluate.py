@@ -161,6 +161,8 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
                     len(val.classes), model.num_classes)  # fmt: skip
     loader = val_loader(val, cfg.batch_size, cfg.num_parallel_workers, world.size, world.rank)
     dtype, _ = amp_setup(cfg.val_amp_level, cfg.amp_dtype, 1.0, world.device)
+    if cfg.compiles_on(world.device.type):  # as in training: `compile`, else graph mode (mode 0) on CUDA
+        model = torch.compile(model)
     result = {**evaluate(model, loader, world.device, dtype, cfg.channels_last), "model": cfg.model}
     if world.is_main:
         log.info("%s on %s: top-1 %.2f, top-5 %.2f, loss %.4f (%d images, %.0f img/s, %d process(es))",

@@ -368,8 +368,7 @@ def _wrap(model: nn.Module, cfg: TrainConfig, world: distributed.World) -> nn.Mo
         if world.device.type != "cuda":
             raise ConfigError("sync_bn needs CUDA: torch's SyncBatchNorm is GPU-only (on CPU use freeze_bn)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    use_compile = cfg.use_compile if cfg.use_compile is not None else world.device.type == "cuda"
-    if use_compile:
+    if cfg.compiles_on(world.device.type):
         model = torch.compile(model)
     if world.distributed:
         model = DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
@@ -507,7 +506,7 @@ def _banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, amp
     log.info("lr %.3g (%s), %s to %.3g after %d warm-up epochs", lr, rule, cfg.scheduler, cfg.min_lr,
              cfg.warmup_epochs)  # fmt: skip
     log.info("precision %s, compile %s, ema %s, output %s", amp_dtype or "fp32",
-             "on" if (cfg.use_compile if cfg.use_compile is not None else world.device.type == "cuda") else "off",
+             "on" if cfg.compiles_on(world.device.type) else "off",
              f"{cfg.ema_decay} per step" if cfg.ema else "off", cfg.ckpt_save_dir)  # fmt: skip
 
 
