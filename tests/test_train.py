@@ -190,9 +190,11 @@ def test_validate_refuses_missing_weights_and_other_classes(tmp_path):
     ckpt = ["--ckpt_path", str(out / "ckpt_e0001.pth")]
     assert main([*common, *ckpt, "--results_file", str(tmp_path / "ok.json")]) == 0
     assert json.loads((tmp_path / "ok.json").read_text())["num_images"] == 6
-    (root / "val" / "c").rename(root / "val" / "d")  # a class the checkpoint never saw: cannot be scored
+    (root / "val" / "c").rename(root / "val" / "d")  # a class the checkpoint never saw: refused unless asked for
     assert main([*common, *ckpt]) == 2
-    assert main([*common, *ckpt, "--ignore_class_mismatch", "True"]) == 2
+    skip = ["--ignore_class_mismatch", "True", "--results_file", str(tmp_path / "skip.json")]
+    assert main([*common, *ckpt, *skip]) == 0  # then its images are left out: they have no label to score
+    assert json.loads((tmp_path / "skip.json").read_text())["num_images"] == 4
     for f in (root / "val" / "d").iterdir():
         f.unlink()
     (root / "val" / "d").rmdir()  # val holds a subset of the checkpoint's classes: refused unless asked for

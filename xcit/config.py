@@ -130,7 +130,9 @@ class TrainConfig:
     ema_decay: float = _k(0.9999, "EMA decay, applied once per optimiser step: ema = d * ema + (1 - d) * w")
     clip_grad: bool = _k(False, "clip the global gradient norm to clip_value")
     clip_value: float = _k(15.0, "max gradient norm when clip_grad")
-    layer_decay: float | None = _k(None, "layer-wise lr decay: block i of L gets lr x decay^(L + 1 - i)")
+    layer_decay: float | None = _k(
+        None, "layer-wise lr decay: XCA block i (from 0) of L gets lr x decay^(L - i), the stem decay^(L + 1)"
+    )
     gradient_accumulation_steps: int = _k(1, "accumulate this many batches per optimiser step")
     sync_bn: bool = _k(False, "SyncBatchNorm across ranks (CUDA): BN statistics over the global batch", xcit=True)
     freeze_bn: bool = _k(False, "keep BatchNorm layers in eval mode (fixed statistics) while training", xcit=True)

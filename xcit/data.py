@@ -128,13 +128,17 @@ def _report(split: str, ds: ImageFolderRGB) -> None:
 
 
 def build_datasets(
-    cfg: TrainConfig, classes: list[str] | None = None, need_train: bool = True, need_val: bool = True
+    cfg: TrainConfig,
+    classes: list[str] | None = None,
+    need_train: bool = True,
+    need_val: bool = True,
+    skip_unknown_val: bool = False,
 ) -> tuple[ImageFolderRGB | None, ImageFolderRGB | None]:
     """Train (unless ``need_train`` is False) and val datasets with their transforms.
 
     Labels follow ``classes`` if given (a checkpoint's), else train's sorted class folders (val's when there is no
     train split). A missing val split gives ``None`` unless ``need_val``. An empty split, or a val class that the
-    label set lacks, is a :class:`DataError`.
+    label set lacks, is a :class:`DataError` (with ``skip_unknown_val``, such folders are left out with a warning).
     """
     root = Path(cfg.data_dir)
     train_dir, val_dir = root / cfg.train_split, root / cfg.val_split
@@ -159,8 +163,11 @@ def build_datasets(
     val_classes = class_folders(val_dir)
     classes = val_classes if classes is None else classes
     unknown = sorted(set(val_classes) - set(classes))
-    if unknown:
-        where = train_dir if need_train else "the checkpoint's classes"
+    where = train_dir if need_train else "the checkpoint's classes"
+    if unknown and skip_unknown_val:
+        log.warning("%s: %d class folders are not in %s and are not scored: %s", val_dir, len(unknown), where,
+                    unknown[:10])  # fmt: skip
+    elif unknown:
         raise DataError(f"{val_dir}: {len(unknown)} classes are not in {where}: {unknown[:10]}")
     val = ImageFolderRGB(val_dir, classes=classes, transform=eval_transform(cfg))
     _report(str(val_dir), val)

@@ -155,7 +155,7 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
             f"{missing[:5]}, unknown {len(extra)}: {extra[:5]}); --ignore_class_mismatch True scores the "
             f"checkpoint's classes that are present"
         )
-    _, val = build_datasets(cfg, classes=classes, need_train=False)
+    _, val = build_datasets(cfg, classes=classes, need_train=False, skip_unknown_val=cfg.ignore_class_mismatch)
     if classes is None and len(val.classes) != getattr(model, "num_classes", len(val.classes)):
         log.warning("%d class folders, model head has %d outputs: labels are the sorted folder indices",
                     len(val.classes), model.num_classes)  # fmt: skip

@@ -257,7 +257,11 @@ def load_state_dict_checked(
     head_keys = [k for k in ("head.weight", "head.bias") if k in sd]
     if drop_head and any(k not in own or own[k].shape != sd[k].shape for k in head_keys):
         n = sd["head.weight"].shape[0] if "head.weight" in sd else "?"
-        log.warning("%s: dropping the %s-class head; the model keeps a new %d-class head", source, n, model.num_classes)
+        if model.num_classes:
+            log.warning("%s: dropping the %s-class head; the model keeps a new %d-class head", source, n,
+                        model.num_classes)  # fmt: skip
+        else:  # features only (num_classes=0, e.g. XCiTBackbone): nothing is lost that the model would use
+            log.info("%s: the %s-class head is not used (the model has no head)", source, n)
         for k in head_keys:
             del sd[k]
         missing_ok = {"head.weight", "head.bias"}
