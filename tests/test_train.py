@@ -65,6 +65,8 @@ def test_seed_train_then_validate_commands(tmp_path):
     assert "preprocessing from the checkpoint: image_resize 32" in proc.stdout + proc.stderr
     bare = json.loads(val_json.read_text())
     assert bare["top1"] == trained["top1"] and bare["loss"] == pytest.approx(trained["loss"], rel=1e-6)
+    proc = run("validate.py", "--data_dir", str(data), "--ckpt_path", trained["checkpoint"], "--ema", "False")
+    assert "model weights from epoch 3" in proc.stdout + proc.stderr  # the raw weights, when asked for
     # what the run leaves beside its checkpoints
     for name in ("config.yaml", "train.log", "metrics.csv", "metrics.jsonl", "metrics.png", "best.pth"):
         assert (out / name).is_file(), name

@@ -87,8 +87,10 @@ def _all_reduce_max(t: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def model_for_eval(path: str | Path, cfg, device: torch.device) -> tuple[nn.Module, list[str] | None, dict]:
-    """The model stored at ``path`` (EMA weights when the file has them), its class names if recorded, and the
+def model_for_eval(
+    path: str | Path, cfg, device: torch.device, use_ema: bool = True
+) -> tuple[nn.Module, list[str] | None, dict]:
+    """The model stored at ``path`` (EMA weights when it has them and ``use_ema``), its class names if recorded, and the
     training config recorded with it (empty for files not written by ``xcit train``).
 
     A checkpoint written by ``xcit train`` rebuilds its own architecture (overrides included); any other weight
@@ -109,7 +111,7 @@ def model_for_eval(path: str | Path, cfg, device: torch.device) -> tuple[nn.Modu
             if ckpt.get("arch") != cfg.model:
                 log.info("%s holds %s; validating that (config says %s)", path, ckpt.get("arch"), cfg.model)
             model = XCiT(XCiTConfig(**ckpt["model_config"]), name=ckpt.get("arch"))
-            use_ema = isinstance(ckpt.get("ema"), dict)
+            use_ema = use_ema and isinstance(ckpt.get("ema"), dict)
             load_state_dict_checked(model, ckpt["ema"] if use_ema else ckpt["model"], strict=True, source=path)
             log.info("%s: %s weights from epoch %s", path, "EMA" if use_ema else "model", ckpt.get("epoch"))
             recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
@@ -141,11 +143,13 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
 
     if not cfg.ckpt_path:
         raise DataError("validate needs --ckpt_path (MindCV would silently validate random weights)")
-    world = distributed.init(cfg.device_target, cfg.distribute)
+    world = distributed.init(cfg.device_target, cfg.distribute, cfg.dist_timeout)
     setup_logging(None, world.rank)
     for line in notices(cfg, set(explicit)):
         log.info("notice: %s", line)
-    model, classes, recorded = model_for_eval(cfg.ckpt_path, cfg, world.device)
+    # a training checkpoint's EMA weights are used when it has them, unless `ema: False` is set explicitly
+    use_ema = cfg.ema or "ema" not in explicit
+    model, classes, recorded = model_for_eval(cfg.ckpt_path, cfg, world.device, use_ema)
     _recorded_preprocessing(cfg, recorded, set(explicit))
     folders = class_folders(Path(cfg.data_dir) / cfg.val_split) if (Path(cfg.data_dir) / cfg.val_split).is_dir() else []
     if classes and sorted(folders) != sorted(classes) and not cfg.ignore_class_mismatch:
