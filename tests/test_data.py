@@ -169,3 +169,35 @@ def test_validation_shards_cover_every_image_once(tmp_path):
     for world in (1, 2, 4):
         seen = [i for r in range(world) for i in val_loader(val, 2, 0, world, r).dataset.indices]
         assert sorted(seen) == list(range(len(val)))
+
+
+def test_transforms_give_timms_tensors(tmp_path):
+    """The fused to-tensor + normalise step gives timm's values: train (same seeds) and eval."""
+    import random
+
+    from timm.data import create_transform
+
+    from xcit.data import ToNormalizedTensor, eval_transform, train_transform
+
+    cfg = cfg_for(tmp_path, "--auto_augment", "randaug-m9-mstd0.5-inc1", "--re_prob", "0.25", "--re_value", "pixel")
+    cfg.re_scale, cfg.re_ratio = (0.02, 1 / 3), (0.3, 1 / 0.3)  # timm's defaults (MindCV's: (0.02, 0.33), (0.3, 3.3))
+    ours, ref = train_transform(cfg), create_transform(
+        cfg.image_resize, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel",
+        interpolation=cfg.interpolation, hflip=cfg.hflip, scale=cfg.scale, ratio=cfg.ratio,
+    )  # fmt: skip
+    assert any(isinstance(t, ToNormalizedTensor) for t in ours.transforms)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        img = Image.fromarray(rng.integers(0, 256, (48, 60, 3), dtype=np.uint8))
+        outs = []
+        for t in (ours, ref):
+            random.seed(i), np.random.seed(i), torch.manual_seed(i)
+            outs.append(t(img))
+        assert outs[0].is_contiguous() and outs[0].dtype == torch.float32
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+    ev = load_config(["--image_resize", "32", "--crop_pct", "0.875", "--interpolation", "bicubic"])[0]
+    ref = create_transform(32, is_training=False, crop_pct=0.875, interpolation="bicubic")
+    img = Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    torch.testing.assert_close(eval_transform(ev)(img), ref(img), rtol=0, atol=1e-5)
+    gray = ToNormalizedTensor((0.5,), (0.5,))(img.convert("L"))
+    assert gray.shape == (1, 50, 40) and gray.min() >= -1 and gray.max() <= 1
