@@ -78,6 +78,11 @@ def test_predict_matches_validation_path(checkpoint, digits, capsys):
         assert by_path[str(file)]["label"] == str(i)
         assert by_path[str(file)]["prob"] == pytest.approx(p, abs=1e-5)
 
+    low = _predict_json([str(digits / "val"), "--pretrained", str(path), "--precision", "bf16"], capsys)
+    assert [p["topk"][0]["prob"] for p in low["predictions"]] == pytest.approx(
+        [by_path[p["path"]]["prob"] for p in low["predictions"]], abs=2e-2
+    )  # bf16 autocast: the same probabilities to bf16's precision
+
     raw = _predict_json([str(digits / "val"), "--pretrained", str(path), "--no-ema"], capsys)
     _, raw_logits = _validation_logits(cfg, model)
     assert [p["topk"][0]["prob"] for p in raw["predictions"]] == pytest.approx(

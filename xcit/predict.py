@@ -229,9 +229,13 @@ def predict(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
-    """Top-k predictions for ``files`` in order; unreadable files go to the returned ``(path, reason)`` list."""
+    """Top-k predictions for ``files`` in order; unreadable files go to the returned ``(path, reason)`` list.
+    ``amp_dtype`` (``torch.bfloat16`` / ``torch.float16``) runs the model under autocast."""
     from tqdm import tqdm
+
+    from .evaluate import autocast
 
     model = model.eval().to(device)
     k = min(topk, model.num_classes)
@@ -241,7 +245,9 @@ def predict(
         total=len(files), unit="img", disable=None if progress else True, leave=False
     )  # None: off when not a TTY
     for paths, x in _load_batches(files, transform, batch_size, errors):
-        probs = model(x.to(device)).float().softmax(dim=-1).cpu()
+        with autocast(torch.device(device), amp_dtype):
+            logits = model(x.to(device))
+        probs = logits.float().softmax(dim=-1).cpu()
         p, idx = probs.topk(k, dim=-1)
         for path, pi, ii in zip(paths, p.tolist(), idx.tolist()):
             results.append(Prediction(str(path), [(i, names[i], round(q, 6)) for i, q in zip(ii, pi)]))

@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, help="evaluation resolution (default: the checkpoint's / model's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="fp32, or bf16/fp16 autocast (bf16 is about 2x faster on CPUs with AMX, and on recent GPUs)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document (predictions and errors)")
     return p
 
@@ -51,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     progress = any(Path(p).is_dir() for p in args.inputs)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     results, errors = predict(
-        model, files, transform, class_names(model), args.topk, args.batch_size, device, progress=progress
+        model, files, transform, class_names(model), args.topk, args.batch_size, device, progress, amp
     )
 
     if args.json:
