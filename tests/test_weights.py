@@ -156,6 +156,18 @@ def test_models_command_json(capsys):
     assert rows[0]["gmacs"] == pytest.approx(1.24, abs=0.03)
 
 
+def test_closed_pipe_ends_quietly():
+    """`xcit models | head -1`: the reader is gone before the table is written; no traceback, SIGPIPE status."""
+    import subprocess
+    import sys
+
+    code = "import sys; from xcit.cli import main; sys.exit(main(['models']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert b"Traceback" not in proc.stderr.read()
+
+
 def test_convert_mindcv_ckpt_keeps_flavour_and_round_trips(tmp_path):
     """MindCV .ckpt -> safetensors (flavour recorded) -> model matches MindCV's logits -> back to .ckpt exactly."""
     import numpy as np

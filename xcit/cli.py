@@ -47,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"xcit: the {name!r} command is not available in this version", file=sys.stderr)
             return 2
         raise
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except BrokenPipeError:  # `xcit models | head`: the reader left; stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":
