@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from PIL import Image
 
 import xcit
 from xcit.weights import WeightsError, official_to_timm, strip_prefixes, timm_to_official
@@ -189,3 +190,23 @@ def test_convert_mindcv_ckpt_keeps_flavour_and_round_trips(tmp_path):
     orig, back = read_mindspore_ckpt(stem + ".ckpt"), read_mindspore_ckpt(tmp_path / "back.ckpt")
     assert orig.keys() == back.keys()
     assert all(torch.equal(orig[k], back[k]) for k in orig)
+
+
+def test_cli_reports_bad_weights_in_one_line(tmp_path, capsys):
+    """Every command turns a broken weight file into one `xcit <command>: error: ...` line and exit status 2."""
+    from xcit.cli import main
+
+    model = xcit.create_model("xcit_nano_12_p16_224", embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((tmp_path / "w.pth").read_bytes()[:2000])
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    for argv in (
+        ["predict", str(tmp_path / "x.png"), "--pretrained", str(cut)],
+        ["attention", str(tmp_path / "x.png"), "--pretrained", str(cut), "--out", str(tmp_path / "att")],
+        ["export", "--pretrained", str(cut), "--out", str(tmp_path / "m.onnx")],
+        ["convert", str(cut), str(tmp_path / "m.safetensors")],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"xcit {argv[0]}: error: {cut}: not a readable PyTorch file (truncated" in err, err

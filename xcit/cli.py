@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         return int(module.main(rest) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input (all of this package's errors are ValueErrors)
+        print(f"xcit {name}: error: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `xcit models | head`: the reader left; stop quietly, as Unix tools do
         import os
 

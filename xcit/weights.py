@@ -139,6 +139,8 @@ def _torch_load(path: Path) -> object:
                 f"which could run code when unpickled (loaded with weights_only=True). If you trust it, re-save its "
                 f"state_dict with torch.save(model.state_dict(), ...)."
             ) from None
+        if "central directory" in text or "file_size" in text:  # torch's zip reader on a cut-off file
+            raise WeightsError(f"{path}: not a readable PyTorch file (truncated or corrupt zip archive)") from None
         raise WeightsError(
             f"{path}: not a readable PyTorch file ({type(e).__name__}: {(text.splitlines() or [''])[0][:200]})"
         ) from None
