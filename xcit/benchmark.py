@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .evaluate import PRECISIONS
+
 MODES = ("infer", "train")
 DEIT = "deit_tiny_patch16_224"  # timm's token-attention baseline for the resolution sweep
 

@@ -21,6 +21,9 @@ from torch.utils.data import DataLoader
 
 from .distributed import all_reduce_sum
 
+# precision names of the inference commands -> autocast dtype (None: fp32, no autocast)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 log = logging.getLogger("xcit")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..evaluate import PRECISIONS
 from ..predict import class_names, eval_preprocessing, eval_transform, find_images, load_model, predict
 
 log = logging.getLogger("xcit")
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=list(PRECISIONS),
         default="fp32",
         help="fp32, or bf16/fp16 autocast (bf16 is about 2x faster on CPUs with AMX, and on recent GPUs)",
     )
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     progress = any(Path(p).is_dir() for p in args.inputs)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp = PRECISIONS[args.precision]
     results, errors = predict(
         model, files, transform, class_names(model), args.topk, args.batch_size, device, progress, amp
     )
