@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
+
 Flavour = Literal["official", "mindcv"]
 FLAVOURS: tuple[str, ...] = ("official", "mindcv")
 
@@ -152,10 +154,20 @@ class ConvPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, D, H/p, W/p) grid, in channels_last memory (so tokens are a free view)."""
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fastest conv layout, no reorders inside
-        for layer in self.proj:
-            if isinstance(layer, nn.Sequential) and not layer[1].training:
+        layers = list(self.proj)
+        skip = False
+        for i, layer in enumerate(layers):
+            if skip:  # this GELU ran inside the previous conv
+                skip = False
+            elif isinstance(layer, nn.Sequential) and not layer[1].training:
                 conv = layer[0]  # eval: BN folded into the conv, one pass instead of two
-                x = F.conv2d(x, *_fold_bn(conv, layer[1]), stride=conv.stride, padding=conv.padding)
+                w, b = _fold_bn(conv, layer[1])
+                act = layers[i + 1] if i + 1 < len(layers) else None
+                dtype = fused.compute_dtype(x, conv.weight) if isinstance(act, nn.GELU) else None
+                if dtype is not None:
+                    x, skip = fused.conv_gelu(x, w, b, conv.stride[0], 1, act.approximate, dtype), True
+                else:
+                    x = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
             elif isinstance(layer, nn.GELU):
                 x = _act_(layer, x)
             else:
@@ -316,7 +328,12 @@ class LPI(nn.Module):
         B, N, C = x.shape
         # (B, N, C) is already NHWC in memory: view it as a channels_last NCHW tensor, no copy
         x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        x = self.bn(_act_(self.act, self.conv1(x)))
+        dtype = fused.compute_dtype(x, self.conv1.weight)
+        if dtype is not None:
+            x = fused.conv_gelu(x, self.conv1.weight, self.conv1.bias, 1, C, self.act.approximate, dtype)
+        else:
+            x = _act_(self.act, self.conv1(x))
+        x = self.bn(x)
         w, b = self.conv2.weight, self.conv2.bias
         # eager: conv2 is linear, so the LayerScale folds into its weights exactly. Compiled: inductor fuses it into
         # the residual add, and oneDNN's depthwise conv with computed weights is ~1.7x slower inside its graphs
@@ -340,7 +357,10 @@ class Mlp(nn.Module):
         self, x: torch.Tensor, shortcut: torch.Tensor | None = None, gamma: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``fc2(act(fc1(x)))``, or ``shortcut + gamma * fc2(...)`` with the residual accumulated by the GEMM."""
-        if torch.compiler.is_compiling():  # bias-free GEMM; inductor fuses the bias into the GELU
+        dtype = fused.compute_dtype(x, self.fc1.weight)
+        if dtype is not None:  # inference on CPU: the GELU runs in the GEMM's epilogue
+            x = fused.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.act.approximate, dtype)
+        elif torch.compiler.is_compiling():  # bias-free GEMM; inductor fuses the bias into the GELU
             x = self.act(x @ self.fc1.weight.t() + self.fc1.bias)
         else:
             x = _act_(self.act, self.fc1(x))

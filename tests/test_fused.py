@@ -1,0 +1,101 @@
+"""oneDNN's fused GEMM/conv + GELU kernels: the same values as the unfused ops, used only for CPU inference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xcit
+from xcit import fused
+
+from .conftest import perturb_
+
+needs_onednn = pytest.mark.skipif(not fused.AVAILABLE, reason="this torch build has no oneDNN fused ops")
+
+
+def _close(got, want, dtype):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # one bf16 rounding of the output, 2^-8 relative, plus the GEMM's bf16 accumulation order
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2e-2)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_matches_unfused(dtype, approximate):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 24, generator=g) * 0.3, torch.randn(40, generator=g)
+    wide = torch.randn(3, 7, 48, generator=g)
+    for x in (torch.randn(5, 24, generator=g), torch.randn(2, 7, 24, generator=g), wide[..., ::2]):  # last: strided
+        with torch.no_grad():
+            got = fused.linear_gelu(x, w, b, approximate, dtype)
+            want = F.gelu(
+                F.linear(x.to(dtype).float(), w.to(dtype).float(), b.to(dtype).float()), approximate=approximate
+            )
+        assert got.dtype == dtype and got.shape == (*x.shape[:-1], 40)
+        _close(got, want, dtype)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("cin", "cout", "stride", "groups"), [(3, 8, 2, 1), (16, 16, 1, 16), (8, 16, 2, 1)])
+def test_conv_gelu_matches_unfused(dtype, cin, cout, stride, groups):
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(cout, cin // groups, 3, 3, generator=g) * 0.3, torch.randn(cout, generator=g)
+    for x in (
+        torch.randn(2, cin, 9, 12, generator=g),
+        torch.randn(2, cin, 8, 8, generator=g).to(memory_format=torch.channels_last),
+    ):
+        with torch.no_grad():
+            got = fused.conv_gelu(x, w, b, stride, groups, "none", dtype)
+            want = F.gelu(
+                F.conv2d(
+                    x.to(dtype).float(),
+                    w.to(dtype).float(),
+                    b.to(dtype).float(),
+                    stride=stride,
+                    padding=1,
+                    groups=groups,
+                )
+            )
+        assert got.dtype == dtype and got.shape == want.shape
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        _close(got, want, dtype)
+
+
+def _ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@needs_onednn
+def test_inference_uses_fused_kernels_training_does_not(tiny_kwargs):
+    m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
+    x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inference = _ops_called(lambda: m(x))
+    with torch.autocast("cpu", torch.bfloat16), torch.inference_mode():
+        bf16 = _ops_called(lambda: m(x))
+    for ops in (inference, bf16):
+        assert {"xcit::linear_gelu", "xcit::conv_gelu"} <= ops
+    # with a graph to record the unfused ops run: the fused ones have no backward
+    training = _ops_called(lambda: m(x).sum().backward())
+    assert not {"xcit::linear_gelu", "xcit::conv_gelu"} & training
+    assert m.blocks[0].mlp.fc1.weight.grad is not None and m.patch_embed.proj[0][0].weight.grad is not None
+
+
+@needs_onednn
+@pytest.mark.parametrize("flavour", ["official", "mindcv"])
+def test_fused_inference_equals_unfused(flavour, tiny_kwargs):
+    """The same logits with the fused kernels as with the graph-recording (unfused) path, in fp32 and bf16."""
+    m = perturb_(xcit.create_model("xcit_nano_12_p16_224", flavour=flavour, **tiny_kwargs)).eval()
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(2))
+    unfused = m(x).detach()  # grad enabled: no fused kernel runs
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), unfused, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", torch.bfloat16):
+            got = m(x).float()
+    with torch.autocast("cpu", torch.bfloat16):
+        want = m(x).float().detach()
+    assert (got - want).abs().max() <= 0.02 * unfused.abs().max()

@@ -1,0 +1,120 @@
+"""oneDNN's fused GEMM + GELU and conv + GELU for CPU inference.
+
+A GELU after a GEMM or conv costs a full pass over the largest activations of the network (the MLP's 4x hidden
+layer, the patch embedding's 112 x 112 maps). oneDNN computes it in the GEMM's or conv's epilogue, while the
+output tile is still in registers, with the same exact erf (or tanh) formula. inductor's own erf is about twice as
+slow as ATen's and oneDNN's, and inductor only fuses these epilogues for frozen graphs, so the fused kernels are
+wrapped in custom ops that both eager mode and ``torch.compile`` call as they are.
+
+Used only where it changes nothing but speed: on CPU, with no gradient to record, not while exporting or tracing
+(exported graphs keep standard ops), in fp32 or bf16 (explicit or autocast), and only if this build of torch
+has oneDNN's fused ops (checked once, with a call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+__all__ = ["AVAILABLE", "compute_dtype", "conv_gelu", "linear_gelu"]
+
+
+@torch.library.custom_op("xcit::linear_gelu", mutates_args=())
+def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu", [], approximate)
+    except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
+        return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+@_linear_gelu_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("xcit::conv_gelu", mutates_args=())
+def _conv_gelu_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int, approximate: str
+) -> torch.Tensor:
+    x = x.contiguous(memory_format=torch.channels_last)  # oneDNN keeps the input's layout for the output
+    try:
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, [1, 1], [stride, stride], [1, 1], groups, "gelu", [], approximate
+        )
+    except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
+        y = F.gelu(F.conv2d(x, weight, bias, stride=stride, padding=1, groups=groups), approximate=approximate)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+@_conv_gelu_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int, approximate: str):
+    B, _, H, W = x.shape
+    size = (B, weight.shape[0], (H - 1) // stride + 1, (W - 1) // stride + 1)  # 3x3, padding 1
+    return x.new_empty(size).contiguous(memory_format=torch.channels_last)
+
+
+@register_flop_formula(torch.ops.xcit.linear_gelu)
+def _linear_gelu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # the GEMM's, as FlopCounterMode counts addmm
+
+
+@register_flop_formula(torch.ops.xcit.conv_gelu)
+def _conv_gelu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape)
+
+
+def _probe() -> bool:
+    """Whether this build has oneDNN's fused ops and they agree with the unfused ones."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        x = torch.linspace(-3, 3, 2 * 8 * 4 * 4).view(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+        w, b = torch.linspace(-1, 1, 8 * 9).view(8, 1, 3, 3), torch.linspace(-1, 1, 8)
+        wl = torch.linspace(-1, 1, 8 * 16).view(8, 16)
+        with torch.no_grad():
+            conv = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 8, "gelu", [], "none")
+            lin = torch.ops.mkldnn._linear_pointwise(x.flatten(2), wl, b, "gelu", [], "tanh")
+            return bool(
+                torch.allclose(conv, F.gelu(F.conv2d(x, w, b, padding=1, groups=8)), atol=1e-5)
+                and torch.allclose(lin, F.gelu(F.linear(x.flatten(2), wl, b), approximate="tanh"), atol=1e-5)
+            )
+    except RuntimeError:
+        return False
+
+
+AVAILABLE = _probe()  # once, at import: a constant for torch.compile
+
+
+def compute_dtype(x: torch.Tensor, *params: torch.Tensor) -> torch.dtype | None:
+    """The dtype a fused kernel would run ``x`` in (autocast's if it is on), or None where it must not be used."""
+    if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return None  # the fused ops have no backward; training keeps the unfused path
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or not AVAILABLE:
+        return None
+    return dtype
+
+
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """``gelu(x @ weight.T + bias)`` in ``dtype`` (from :func:`compute_dtype`), one oneDNN kernel."""
+    return _linear_gelu_op(x.to(dtype), weight.to(dtype), bias.to(dtype), approximate)
+
+
+def conv_gelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    groups: int,
+    approximate: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``gelu(conv2d(x, weight, bias, stride, padding=1, groups))`` for 3x3 kernels, channels_last, one kernel."""
+    return _conv_gelu_op(x.to(dtype), weight.to(dtype), bias.to(dtype), stride, groups, approximate)
