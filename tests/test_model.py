@@ -180,3 +180,23 @@ def test_mindcv_flavour_switch(tiny_kwargs):
     m.set_flavour("official")
     assert m.blocks[0].attn.qk_norm and m.blocks[0].mlp.act.approximate == "none"
     assert m.patch_embed.proj[1].approximate == "none"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_xca_low_precision_cpu_layout_matches_fp32(dtype):
+    """CPU bf16/fp16 take their own GEMM layouts for q^T k and the channel mixing: same values as fp32 on the same
+    (rounded) inputs, with batch, heads, head dim and tokens all different so that a transposed index shows."""
+    g = torch.Generator().manual_seed(3)
+    attn = perturb_(xcit.model.XCA(24, 3), 3).eval()
+    attn.temperature.data = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
+    x = torch.randn(2, 10, 24, generator=g).to(dtype)
+    shortcut, gamma = torch.randn(2, 10, 24, generator=g).to(dtype), torch.rand(24, generator=g)
+    low = attn.to(dtype)
+    with torch.no_grad():
+        got = low(x, shortcut=shortcut, gamma=gamma.to(dtype)).float()
+        a_low, _ = low.attention(x)
+        ref = attn.float()
+        want = ref(x.float(), shortcut=shortcut.float(), gamma=gamma.to(dtype).float())
+        a_ref, _ = ref.attention(x.float())
+    torch.testing.assert_close(a_low.float(), a_ref, rtol=0, atol=2e-2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())

@@ -258,10 +258,14 @@ class XCA(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def _gram(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Per-head ``q^T k``: (B, N, C) x (B, N, C) -> (B, h, d, d), one batched GEMM per head on strided views."""
+        """Per-head ``q^T k``: (B, N, C) x (B, N, C) -> (B, h, d, d), on strided views of the qkv output."""
         B, N, C = q.shape
-        qs, ks = q.view(B, N, self.num_heads, -1).unbind(2), k.view(B, N, self.num_heads, -1).unbind(2)
-        return torch.stack([a.mT @ b for a, b in zip(qs, ks)], dim=1)
+        h = self.num_heads
+        if q.dtype == torch.float32 or not q.is_cpu:  # MKL, cuBLAS: one batched GEMM per head, no copies
+            qs, ks = q.view(B, N, h, -1).unbind(2), k.view(B, N, h, -1).unbind(2)
+            return torch.stack([a.mT @ b for a, b in zip(qs, ks)], dim=1)
+        # oneDNN (CPU bf16, fp16) copies each head's strided view: one GEMM batched over (B, h) is faster
+        return q.reshape(B, N, h, -1).permute(0, 2, 3, 1) @ k.reshape(B, N, h, -1).transpose(1, 2)
 
     def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the (B, h, d, d) channel attention (fp32) and v as (B, N, h, d)."""
@@ -296,7 +300,12 @@ class XCA(nn.Module):
         if gamma is not None:  # LayerScale folded into proj's output columns
             w_t, b = w_t * gamma, b * gamma
         # out[n, o] = sum_{h,i,j} Wp[o, (h, i)] attn[h, i, j] v[n, (h, j)]: mixing[(h, j), o] = (attn_h^T Wp_h^T)[j, o]
-        mixing = (attn.to(v.dtype).mT @ w_t.view(h, C // h, C)).view(B, C, C)
+        attn_t, w_h = attn.to(v.dtype).mT, w_t.view(h, C // h, C)
+        if v.dtype == torch.float32 or not v.is_cpu:  # MKL, cuBLAS: the broadcast head weights, no copies
+            mixing = (attn_t @ w_h).view(B, C, C)
+        else:  # oneDNN: one GEMM per head over all images, (B d x d) @ (d x C), is faster than B h small ones
+            mixing = torch.bmm(attn_t.transpose(0, 1).reshape(h, -1, C // h), w_h)  # (h, B d, C)
+            mixing = mixing.view(h, B, C // h, C).transpose(0, 1).reshape(B, C, C)
         if shortcut is not None and torch.compiler.is_compiling():  # as in _add_linear
             return shortcut + b + v @ mixing
         if shortcut is None:
