@@ -99,3 +99,21 @@ def test_fused_inference_equals_unfused(flavour, tiny_kwargs):
     with torch.autocast("cpu", torch.bfloat16):
         want = m(x).float().detach()
     assert (got - want).abs().max() <= 0.02 * unfused.abs().max()
+
+
+@needs_onednn
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")  # deprecated, still what `xcit export --format torchscript` uses
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_exported_and_traced_graphs_keep_standard_ops(tiny_kwargs):
+    """Export and tracing under no_grad (where eager inference would fuse) record only standard ATen ops."""
+    m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        ep = torch.export.export(m, (x,))
+        traced = torch.jit.trace(m, (x,))
+        want = m(x)
+    assert "xcit" not in str(ep.graph) and "xcit::" not in str(traced.inlined_graph)
+    assert "aten.gelu" in str(ep.graph)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-5)
