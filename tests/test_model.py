@@ -200,3 +200,16 @@ def test_xca_low_precision_cpu_layout_matches_fp32(dtype):
         a_ref, _ = ref.attention(x.float())
     torch.testing.assert_close(a_low.float(), a_ref, rtol=0, atol=2e-2)
     torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
+
+
+def test_token_norms_stay_fp32_under_compile_and_autocast():
+    """q/k norms are summed and returned in fp32, even where autocast would run the compiled path's GEMV in bf16.
+    (Eager squares bf16 inputs in bf16, then sums in fp32: 2^-9 relative at most per square.)"""
+    t = torch.randn(3, 200, 16, generator=torch.Generator().manual_seed(4)).bfloat16()
+    want = t.float().square().sum(dim=1).sqrt()
+    compiled = torch.compile(xcit.model._column_norms, fullgraph=True)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        eager, graph = xcit.model._column_norms(t), compiled(t)
+    assert eager.dtype == graph.dtype == torch.float32
+    torch.testing.assert_close(graph, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(eager, want, rtol=2**-9, atol=0)

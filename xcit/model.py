@@ -229,7 +229,8 @@ def _column_norms(t: torch.Tensor) -> torch.Tensor:
     """L2 norms over tokens of a (B, N, C) view, in fp32, at least 1e-12 (F.normalize's eps)."""
     if torch.compiler.is_compiling():  # inductor runs a strided column sum serially; a GEMV with ones is parallel
         ones = torch.ones(t.shape[0], 1, t.shape[1], device=t.device, dtype=torch.float32)
-        sq = torch.bmm(ones, t.float().square()).squeeze(1)
+        with torch.autocast(t.device.type, enabled=False):  # autocast would run this GEMV, and round it, in bf16
+            sq = torch.bmm(ones, t.float().square()).squeeze(1)
     else:  # several times faster than vector_norm over the strided token dim
         sq = (t * t).sum(dim=1, dtype=torch.float32)
     return sq.sqrt().clamp_min(1e-12)
