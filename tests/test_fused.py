@@ -117,3 +117,33 @@ def test_exported_and_traced_graphs_keep_standard_ops(tiny_kwargs):
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_bf16_weight_casts_are_cached_and_invalidated(tiny_kwargs):
+    """The bf16 copies of the fused layers' weights follow in-place updates and leave with their model."""
+    import gc
+
+    m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
+    x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(5))
+    before = len(fused._CASTS)
+
+    def bf16_logits(model):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            return model(x).float()
+
+    first = bf16_logits(m)
+    assert len(fused._CASTS) > before  # the fc1 and LPI conv1 weights and biases of every block
+    torch.testing.assert_close(bf16_logits(m), first, rtol=0, atol=0)
+    with torch.no_grad():  # an in-place update, as an optimiser step or load_state_dict makes
+        for blk in m.blocks:
+            blk.mlp.fc1.weight.mul_(-1)
+            blk.local_mp.conv1.bias.add_(1)
+    updated = bf16_logits(m)
+    with torch.autocast("cpu", torch.bfloat16):  # grad enabled: the unfused path, which casts afresh
+        want = m(x).float().detach()
+    assert (updated - first).abs().max() > 0.1
+    assert (updated - want).abs().max() <= 0.02 * want.abs().max()
+    del m, blk
+    gc.collect()
+    assert len(fused._CASTS) == before
