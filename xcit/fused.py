@@ -33,8 +33,8 @@ def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w.to(dtype)``, cached per (tensor, dtype) and invalidated by any in-place change (the version counter)."""
     if w.dtype == dtype:
         return w
-    if w.is_inference():  # no version counter to tell an in-place update: cast afresh
-        return w.to(dtype)
+    if w.is_inference() or not (w.is_leaf and w.requires_grad):  # parameters only, as autocast's cache: a computed
+        return w.to(dtype)  # weight (BN folded in) is new at every call, and an inference tensor has no version
     key = (id(w), dtype)
     hit = _CASTS.get(key)
     if hit is not None and hit[0]() is w and hit[1] == w._version:

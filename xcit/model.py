@@ -155,23 +155,21 @@ class ConvPatchEmbed(nn.Module):
         """(B, C, H, W) image -> (B, D, H/p, W/p) grid, in channels_last memory (so tokens are a free view)."""
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fastest conv layout, no reorders inside
         layers = list(self.proj)
-        skip = False
-        for i, layer in enumerate(layers):
-            if skip:  # this GELU ran inside the previous conv
-                skip = False
-            elif isinstance(layer, nn.Sequential) and not layer[1].training:
-                conv = layer[0]  # eval: BN folded into the conv, one pass instead of two
-                w, b = _fold_bn(conv, layer[1])
-                act = layers[i + 1] if i + 1 < len(layers) else None
-                dtype = fused.compute_dtype(x, conv.weight) if isinstance(act, nn.GELU) else None
-                if dtype is not None:
-                    x, skip = fused.conv_gelu(x, w, b, conv.stride[0], 1, act.approximate, dtype), True
+        stages, acts = layers[0::2], layers[1::2]  # conv-BN stages with a GELU between each pair
+        for i, stage in enumerate(stages):
+            act = acts[i] if i < len(acts) else None
+            if stage[1].training:
+                x = stage(x)
+            else:  # eval: BN folded into the conv, one pass instead of two
+                conv = stage[0]
+                w, b = _fold_bn(conv, stage[1])
+                dtype = fused.compute_dtype(x, conv.weight) if act is not None else None
+                if dtype is not None:  # the GELU runs inside the conv
+                    x, act = fused.conv_gelu(x, w, b, conv.stride[0], 1, act.approximate, dtype), None
                 else:
                     x = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
-            elif isinstance(layer, nn.GELU):
-                x = _act_(layer, x)
-            else:
-                x = layer(x)
+            if act is not None:
+                x = _act_(act, x)
         return x
 
 
