@@ -34,6 +34,15 @@ def test_run_with_timm_has_every_field():
                 assert _finite_positive(r[key]), (mode, impl, key, r.get(key))
             assert len(r["round_medians_ms"]) == 2
         q = res[mode]["ratio"]
+        if mode == "infer":
+            for impl in ("ours", "timm"):
+                g = res[mode][impl]["gemm_only"]
+                for key in ("ms_per_batch", "gflop_per_batch", "share_of_batch_time", "img_per_s_bound"):
+                    assert _finite_positive(g[key]), (impl, key, g.get(key))
+                assert _finite_positive(g["bound_fraction_of_peak"]) and _finite_positive(
+                    g["bound_fraction_of_bf16_peak"]
+                )
+                assert 0 < g["distinct_calls"] <= g["calls"]
         assert q["round_ratio_min"] <= q["ratio"] * 1.000001 and q["ratio"] <= q["round_ratio_max"] * 1.000001
     json.dumps(res)  # JSON-ready
 
@@ -77,6 +86,39 @@ def test_flop_count_matches_the_analytic_count():
     counted = B.count_flops(m.eval(), 224, torch.device("cpu")) / 2e9
     # the analytic count includes class attention's k and v (never computed here): ours is a little lower
     assert 0.9 * gmacs(m.cfg) < counted <= gmacs(m.cfg)
+
+
+@pytest.mark.parametrize("impl", ["ours", "timm"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gemm_time_replays_every_counted_call(impl, precision):
+    """The GEMM-only time covers exactly what FlopCounterMode counts: the same calls, the same FLOPs."""
+    if impl == "timm":
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    pair = B.build_pair(NANO, torch.device("cpu"), "timm" if impl == "timm" else None, **TINY)
+    m = pair[impl].eval()
+    g = B.gemm_time(m, torch.randn(1, 3, 64, 64), B.PRECISIONS[precision], reps=1)
+    assert _finite_positive(g["ms_per_batch"]) and 0 < g["distinct_calls"] < g["calls"]  # the blocks repeat
+    assert g["gflop_per_batch"] == pytest.approx(B.count_flops(m, 64, torch.device("cpu")) / 1e9, rel=1e-9)
+
+
+def test_gemm_time_times_fused_kernels_without_their_gelu():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Names(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(16, 8), torch.randn(16)
+    args = tuple(B._spec(a) for a in (x, w, b, "none", torch.bfloat16))
+    call = B._gemm_of(torch.ops.xcit.linear_gelu.default, args)
+    with torch.no_grad(), Names():
+        y = call()
+    assert y.shape == (4, 16) and y.dtype == torch.bfloat16
+    assert "aten.addmm" in seen and not any("gelu" in s for s in seen)
 
 
 def test_sweep_and_plot(tmp_path):

@@ -14,6 +14,9 @@ Everything here measures; nothing is assumed:
 * **The machine's peak.** A square GEMM measured in the same run for fp32 and bf16 (and fp16 when benchmarked);
   the fraction of peak is the model's counted FLOPs per second over the same precision's GEMM (3x the forward
   FLOPs for a training step), and ``fraction_of_bf16_peak`` is over the bf16 GEMM.
+* **GEMMs alone.** For inference, every matmul and convolution of one eager batch is timed again on its own
+  (see :func:`gemm_time`): the sum bounds the batch time from below at this library's GEMM speed, and the share
+  of a measured batch it makes says how much time goes elsewhere (norms, softmax, GELU, copies).
 * **Resolution sweep.** Time per image and peak memory against the token count, for XCiT and for timm's
   token-attention ``deit_tiny_patch16_224``, with a PNG plot. Batches shrink with resolution so that every point
   processes about the same number of tokens per call.
@@ -98,6 +101,91 @@ def count_flops(model: nn.Module, img_size: int, device: torch.device, in_chans:
     with torch.no_grad(), counter:
         model(x)
     return float(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The time of the GEMMs alone
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _spec(a):
+    """A hashable stand-in for one argument: tensors by shape, strides, dtype and device; lists as tuples."""
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype, a.device)
+    if isinstance(a, (list, tuple)):
+        return ("seq", type(a).__name__, tuple(_spec(v) for v in a))
+    return ("value", a)
+
+
+def _build(s):
+    """A fresh argument from :func:`_spec`'s description, tensors filled with unit normals."""
+    kind = s[0]
+    if kind == "tensor":
+        shape, stride, dtype, device = s[1:]
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        return t.normal_() if t.is_floating_point() else t.zero_()
+    if kind == "seq":
+        return (list if s[1] == "list" else tuple)(_build(v) for v in s[2])
+    return s[1]
+
+
+def _gemm_of(func, args: tuple) -> Callable[[], object]:
+    """A call of ``func`` on fresh arguments; the fused GEMM/conv + GELU ops without their GELU."""
+    a = [_build(s) for s in args]
+    if func is torch.ops.xcit.linear_gelu.default:
+        x, w, b, _, dtype = a
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+        return lambda: F.linear(x, w, b)
+    if func is torch.ops.xcit.conv_gelu.default:
+        x, w, b, stride, groups, _, dtype = a
+        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+        return lambda: F.conv2d(x, w, b, stride=stride, padding=1, groups=groups)
+    return lambda: func(*a)
+
+
+def gemm_time(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, reps: int = 5) -> dict:
+    """The time one inference batch spends in its matmuls and convolutions, each timed alone.
+
+    One eager forward records every call of an op that ``FlopCounterMode`` counts (in the dtypes autocast gives
+    it); every distinct call (op, shapes, strides, dtypes) is then timed on fresh tensors, best of ``reps`` as for
+    the GEMM peak, and weighted by how often it ran. The sum is a lower bound on the batch time at this library's
+    GEMM speed; the rest of a measured batch is everything else (norms, softmax, GELU, copies, overheads).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    formulas = {**flop_registry, aten.addmm_: flop_registry[aten.addmm], aten.baddbmm_: flop_registry[aten.baddbmm]}
+    calls: dict[tuple, int] = {}
+    flops = [0]
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            formula = formulas.get(func.overloadpacket)
+            if formula is not None:
+                if kwargs:
+                    raise NotImplementedError(f"cannot replay {func} with keyword arguments")
+                key = (func, tuple(_spec(a) for a in args))
+                calls[key] = calls.get(key, 0) + 1
+                flops[0] += formula(*args, out_val=out)
+            return out
+
+    model.eval()
+    with torch.no_grad(), autocast(x.device, dtype), Record():  # (inference_mode would show composite ops)
+        model(x)
+    total = 0.0
+    with torch.inference_mode():
+        for (func, args), n in calls.items():
+            call = _gemm_of(func, args)
+            call()
+            total += n * min(timed(call, x.device) for _ in range(reps))
+    return {
+        "ms_per_batch": total * 1e3,
+        "gflop_per_batch": flops[0] / 1e9,  # what FlopCounterMode counts: the same calls
+        "calls": sum(calls.values()),
+        "distinct_calls": len(calls),
+    }
 
 
 @contextlib.contextmanager
@@ -353,6 +441,12 @@ def add_efficiency(result: dict, flops: dict[str, float], peaks: dict[str, float
             r["gflops_per_s"] = gflop * r["img_per_s"]
             r["fraction_of_peak"] = r["gflops_per_s"] / peaks[dtype_name]  # the GEMM peak of the same precision
             r["fraction_of_bf16_peak"] = r["gflops_per_s"] / peaks["bf16"]
+            g = r.get("gemm_only")
+            if g and g["ms_per_batch"] > 0:  # what the GEMMs alone would allow, and their share of a batch
+                g["share_of_batch_time"] = g["ms_per_batch"] / r["ms_per_batch"]
+                g["img_per_s_bound"] = r["img_per_s"] * r["ms_per_batch"] / g["ms_per_batch"]
+                g["bound_fraction_of_peak"] = gflop * g["img_per_s_bound"] / peaks[dtype_name]
+                g["bound_fraction_of_bf16_peak"] = gflop * g["img_per_s_bound"] / peaks["bf16"]
 
 
 def run(
@@ -395,6 +489,9 @@ def run(
     x = torch.randn(batch, in_chans, img_size, img_size, device=dev)
     for mode in modes:
         result[mode] = bench_mode(models, mode, x, dtype, compile_, warmup, rounds, iters, memory, max_busy)
+    if "infer" in result:
+        for k, m in models.items():
+            result["infer"][k]["gemm_only"] = gemm_time(m, x, dtype)
     add_efficiency(result, flops, peaks, precision)
     return result
 

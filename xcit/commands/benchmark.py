@@ -100,6 +100,14 @@ def report(res: dict) -> None:
         for k in ("ours", "timm"):
             if k in res[mode]:
                 print(_row(k, res[mode][k]))
+        for k in ("ours", "timm"):
+            g = res[mode].get(k, {}).get("gemm_only")
+            if g and "share_of_batch_time" in g:
+                print(
+                    f"  {k:<5} GEMMs alone {g['ms_per_batch']:.1f} ms/batch = {100 * g['share_of_batch_time']:.0f}% of"
+                    f" the batch; bound {g['img_per_s_bound']:.1f} img/s = {100 * g['bound_fraction_of_peak']:.1f}%"
+                    f" of peak, {100 * g['bound_fraction_of_bf16_peak']:.1f}% of bf16"
+                )
         if "ratio" in res[mode]:
             q = res[mode]["ratio"]
             print(
