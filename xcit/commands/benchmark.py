@@ -1,7 +1,7 @@
-"""``xcit benchmark``: inference and training-step throughput, peak memory, GMACs and the fraction of the machine's
-measured matmul peak; ``--compare timm`` runs timm's same model beside ours, ``--sweep-resolution`` plots time and
-memory against tokens next to DeiT, ``--data`` times the JPEG training pipeline, ``--agreement`` checks that bf16
-keeps fp32's predictions.
+"""``xcit benchmark``: inference and training-step throughput, peak memory, GMACs, the fraction of the machine's
+measured matmul peak and the time an inference batch's GEMMs take alone; ``--compare timm`` runs timm's same model
+beside ours, ``--sweep-resolution`` plots time and memory against tokens next to DeiT, ``--data`` times the JPEG
+training pipeline, ``--agreement`` checks that bf16 keeps fp32's predictions.
 
 Examples::
 
