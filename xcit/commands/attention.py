@@ -12,6 +12,7 @@ import torch
 from ..imageio import load_rgb
 from ..predict import class_names, eval_preprocessing, load_model
 from ..visualize import display_scale, save_channel_maps, save_overlays
+from ._args import add_weights_arguments
 
 log = logging.getLogger("xcit")
 
@@ -24,15 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         "image at (nearly) native size for sharper maps.",
     )
     p.add_argument("image")
-    p.add_argument("--model", help="architecture (default: the one recorded in --pretrained)")
-    p.add_argument("--pretrained", help="weights file or save_pretrained folder")
-    p.add_argument(
-        "--no-ema",
-        dest="ema",
-        action="store_false",
-        default=None,
-        help="use the raw weights of a training checkpoint (default: its EMA weights when present, as validate)",
-    )
+    add_weights_arguments(p, "weights file or save_pretrained folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--img-size",

@@ -20,6 +20,7 @@ from ..export import (
 )
 from ..hub import export_timm, save_pretrained
 from ..predict import class_names, eval_preprocessing, load_model
+from ._args import add_weights_arguments
 
 log = logging.getLogger("xcit")
 
@@ -38,15 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         help="onnx | torchscript | export (torch.export .pt2) | hub (save_pretrained folder with the checkpoint's "
         "preprocessing) | timm (bare timm-layout .safetensors/.pth) (default: %(default)s)",
     )
-    p.add_argument("--model", help="architecture (default: the one recorded in --pretrained)")
-    p.add_argument("--pretrained", help="weights file or save_pretrained folder (omit for random weights)")
-    p.add_argument(
-        "--no-ema",
-        dest="ema",
-        action="store_false",
-        default=None,
-        help="use the raw weights of a training checkpoint (default: its EMA weights when present, as validate)",
-    )
+    add_weights_arguments(p, "weights file or save_pretrained folder (omit for random weights)")
     p.add_argument("--out", required=True, help="output file (.onnx, .pt, .pt2)")
     p.add_argument("--img-size", type=int, nargs="+", metavar="N", help="H [W] of the example input (default: model's)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input")

@@ -12,6 +12,7 @@ import torch
 
 from ..evaluate import PRECISIONS
 from ..predict import class_names, eval_preprocessing, eval_transform, find_images, load_model, predict
+from ._args import add_weights_arguments
 
 log = logging.getLogger("xcit")
 
@@ -24,15 +25,7 @@ def _parser() -> argparse.ArgumentParser:
         "model's defaults). Unreadable files are reported and skipped.",
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--model", help="architecture (default: the one recorded in --pretrained)")
-    p.add_argument("--pretrained", help="weights file (any supported format) or save_pretrained folder")
-    p.add_argument(
-        "--no-ema",
-        dest="ema",
-        action="store_false",
-        default=None,
-        help="use the raw weights of a training checkpoint (default: its EMA weights when present, as validate)",
-    )
+    add_weights_arguments(p, "weights file (any supported format) or save_pretrained folder")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, help="evaluation resolution (default: the checkpoint's / model's)")
