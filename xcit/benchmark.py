@@ -171,9 +171,13 @@ def gemm_time(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None, reps
                 flops[0] += formula(*args, out_val=out)
             return out
 
+    was_training = model.training
     model.eval()
-    with torch.no_grad(), autocast(x.device, dtype), Record():  # (inference_mode would show composite ops)
-        model(x)
+    try:
+        with torch.no_grad(), autocast(x.device, dtype), Record():  # (inference_mode would show composite ops)
+            model(x)
+    finally:
+        model.train(was_training)
     total = 0.0
     with torch.inference_mode():
         for (func, args), n in calls.items():
