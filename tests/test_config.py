@@ -149,6 +149,7 @@ def test_unknown_keys_fail_with_the_nearest_name(tmp_path):
         (["--pretrained", "True"], "needs a file"),
         (["--resume_opt", "True"], "ckpt_path"),
         (["-c", "/no/such.yaml"], "does not exist"),
+        (["--mode", "3"], "'mode': 3 is not 0"),
     ],
 )
 def test_bad_values_fail_before_any_work(argv, match):
@@ -167,6 +168,16 @@ def test_ascend_keys_are_mapped():
     cfg, _ = load_config(["--filter_bias_and_bn", "False"])
     assert cfg.weight_decay_filter == "disable"
     assert load_config([])[0].norm_mean_std[0] == pytest.approx((0.485, 0.456, 0.406))  # MindCV's 0-255 scale
+
+
+def test_notices_name_keys_without_effect_and_spare_a_saved_config(tmp_path):
+    from xcit.config import notices
+
+    save_config(load_config([])[0], tmp_path / "config.yaml")  # every key written, at its default
+    assert notices(*load_config(["-c", str(tmp_path / "config.yaml")])) == []
+    said = notices(*load_config(["--dataset_sink_mode", "False", "--device_target", "Ascend", "--enable_modelarts"]))
+    assert [line.split(":")[0] for line in said] == ["dataset_sink_mode", "device_target", "enable_modelarts"]
+    assert "Ascend is not available" in said[1]
 
 
 def test_resolved_config_round_trips(tmp_path):

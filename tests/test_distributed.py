@@ -97,3 +97,16 @@ def test_two_gloo_ranks_train_and_validate_like_one_process(tmp_path):
     got, ref = json.loads(results.read_text()), ea[-1]
     assert got["num_images"] == 13 and (got["top1"], got["top5"]) == (ref["top1"], ref["top5"])
     assert got["loss"] == pytest.approx(ref["val_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_under_torchrun_writes_and_announces_its_data_once(tmp_path, monkeypatch):
+    """Without --data_dir, local rank 0 writes the digits while the other rank waits for them; one banner line."""
+    monkeypatch.setenv("XCIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    text = launch(2, "train.py", *RECIPE, "--batch_size", "16", "--ckpt_save_dir", str(out))
+    assert text.count("demo: scikit-learn digits as an ImageFolder") == 1
+    assert "device cpu x 2 process(es) (gloo)" in text
+    classes = sorted(p.name for p in (tmp_path / "cache" / "digits" / "train").iterdir())
+    assert classes == [str(i) for i in range(10)]
+    assert len(epochs(out)) == 2

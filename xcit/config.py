@@ -389,6 +389,8 @@ def check(cfg: TrainConfig) -> None:
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
+    if cfg.mode not in (0, 1):
+        raise ConfigError(f"bad value for 'mode': {cfg.mode} is not 0 (graph mode: torch.compile) or 1 (eager)")
     if not 0.0 < cfg.crop_pct <= 1.0:
         raise ConfigError(f"bad value for 'crop_pct': {cfg.crop_pct} must be in (0, 1]")
     if not 0.0 <= cfg.ema_decay < 1.0:
@@ -452,7 +454,7 @@ def _check_auto_augment(cfg: TrainConfig) -> None:
 def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
     """One line per accepted key that has no effect (or a changed one) on this backend."""
     out = []
-    if "dataset_sink_mode" in explicit:
+    if "dataset_sink_mode" in explicit and not cfg.dataset_sink_mode:  # True, MindCV's default, is silent
         out.append("dataset_sink_mode: Ascend data sinking has no PyTorch equivalent; the key has no effect")
     if "device_target" in explicit and cfg.device_target == "ascend":
         out.append("device_target: Ascend is not available; using CUDA if present, else CPU")

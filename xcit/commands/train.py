@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg, explicit = load_config(argv, prog="xcit train", base=DEMO_RECIPE, description=DESCRIPTION)
         if cfg.dataset == "digits" and not cfg.data_dir:
             cfg.data_dir = str(ensure_digits())
-            log.info("demo: scikit-learn digits as an ImageFolder in %s", cfg.data_dir)
+            if os.environ.get("RANK", "0") == "0":  # once per run (the process group does not exist yet)
+                log.info("demo: scikit-learn digits as an ImageFolder in %s", cfg.data_dir)
         if not cfg.data_dir:
             raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset (or run without a config)")
     except ConfigError as e:
