@@ -163,6 +163,23 @@ def test_resume_after_epoch_one_and_mid_epoch_is_bit_exact(tmp_path):
     _assert_bitwise_equal(reference, _state(tmp_path / "mindcv" / "ckpt_e0002.pth"))
 
 
+def test_grad_checkpointing_key_trains_the_same_model(tmp_path):
+    from xcit.train import build_model
+
+    data = write_digits(tmp_path / "digits", classes=3, per_class=8)
+    recipe = [*TINY, *FAST, "--data_dir", str(data), "--batch_size", "6", "--seed", "5", "--epoch_size", "1"]
+    recipe += ["--drop_path_rate", "0.2", "--opt", "adamw", "--lr", "0.003", "--warmup_epochs", "0"]
+    states = []
+    for flag in ("False", "True"):
+        cfg, explicit = load_config([*recipe, "--grad_checkpointing", flag, "--ckpt_save_dir", str(tmp_path / flag)])
+        assert build_model(cfg, 3, torch.device("cpu")).grad_checkpointing is (flag == "True")
+        fit(cfg, explicit)
+        states.append(load_checkpoint(tmp_path / flag / "ckpt_e0001.pth")["model"])
+    # recomputation replays the same drop-path draws, so the weights after training match
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     root = make_folder(tmp_path / "ds", per_class=4)
     out = tmp_path / "out"

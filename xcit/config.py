@@ -137,6 +137,9 @@ class TrainConfig:
     sync_bn: bool = _k(False, "SyncBatchNorm across ranks (CUDA): BN statistics over the global batch", xcit=True)
     freeze_bn: bool = _k(False, "keep BatchNorm layers in eval mode (fixed statistics) while training", xcit=True)
     channels_last: bool = _k(False, "channels-last memory format (helps the conv stem on CUDA)", xcit=True)
+    grad_checkpointing: bool = _k(
+        False, "recompute each XCA block's activations in backward: less memory, one more block forward", xcit=True
+    )
 
     # -- optimizer -------------------------------------------------------------------------------------------------
     opt: str = _k("adam", " | ".join(OPTIMIZERS))

@@ -16,7 +16,9 @@ Two numerics flavours exist:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -59,6 +61,23 @@ class XCiTConfig:
             raise ValueError(f"embed_dim must be a multiple of 8 for the conv patch embedding, got {self.embed_dim}")
         if self.flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in ``module`` normalise with batch statistics as usual but leave their running statistics
+    as they were: a checkpointed block runs its forward again in backward, and its batch must count once."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    bns = [m for m in bns if m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (momentum, seen) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(seen)
 
 
 def _gelu(flavour: str) -> nn.GELU:
@@ -552,7 +571,8 @@ class XCiT(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in backward to save memory."""
+        """Recompute each XCA block's activations in backward to save memory (BatchNorm running statistics are
+        updated once per step, not again by the recomputation)."""
         self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
@@ -594,7 +614,10 @@ class XCiT(nn.Module):
 
     def _run_block(self, blk: XCABlock, x: torch.Tensor, Hp: int, Wp: int) -> torch.Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            return checkpoint(blk, x, Hp, Wp, use_reentrant=False)
+            if torch.compiler.is_compiling():  # the backward graph recomputes activations only, no buffer updates
+                return checkpoint(blk, x, Hp, Wp, use_reentrant=False)
+            contexts = lambda: (contextlib.nullcontext(), _running_stats_frozen(blk))  # noqa: E731 (forward, recompute)
+            return checkpoint(blk, x, Hp, Wp, use_reentrant=False, context_fn=contexts)
         return blk(x, Hp, Wp)
 
     def forward_cls(

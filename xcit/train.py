@@ -342,6 +342,8 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
     if cfg.ckpt_path and not cfg.resume_opt:
         load_weights(model, cfg.ckpt_path, strict=True)
         log.info("initialised %s from %s", cfg.model, cfg.ckpt_path)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.to(device)
