@@ -150,6 +150,8 @@ def test_unknown_keys_fail_with_the_nearest_name(tmp_path):
         (["--resume_opt", "True"], "ckpt_path"),
         (["-c", "/no/such.yaml"], "does not exist"),
         (["--mode", "3"], "'mode': 3 is not 0"),
+        (["--auto_augment", "trivialaugwide-x3"], r"not trivialaugwide\[-mN\]"),
+        (["--auto_augment", "trivialaugwide-m1"], "N >= 2"),
     ],
 )
 def test_bad_values_fail_before_any_work(argv, match):

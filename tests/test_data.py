@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,37 @@ def test_recipe_transforms_come_from_timm(tmp_path):
     assert ev.transforms[0].size == 256 and ev.transforms[1].size == (224, 224)  # 224 / 0.875
     out = train_transform(cfg)(Image.fromarray(np.zeros((40, 50, 3), np.uint8)))
     assert out.shape == (3, 32, 32)
+
+
+def test_trivial_augment_wide_is_torchvisions_in_the_augmentation_slot(tmp_path):
+    from torchvision.transforms import InterpolationMode, TrivialAugmentWide
+
+    from xcit.data import train_transform
+
+    cfg = cfg_for(tmp_path, "--auto_augment", "trivialaugwide", "--color_jitter", "0.4", "--interpolation", "bilinear")
+    t = train_transform(cfg)
+    names = [type(op).__name__ for op in t.transforms]
+    # after the flips, before the tensor; no ColorJitter (timm drops it under an auto_augment policy too)
+    assert names == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "TrivialAugmentWide", names[-1]]
+    assert names[-1] == "ToNormalizedTensor"
+    ta = t.transforms[2]
+    assert isinstance(ta, TrivialAugmentWide) and ta.num_magnitude_bins == 31
+    assert ta.interpolation == InterpolationMode.BILINEAR
+    assert ta.fill == [124, 116, 104]  # the mean pixel (ImageNet mean x 255)
+    cfg = cfg_for(tmp_path, "--auto_augment", "trivialaugwide-m20")
+    assert train_transform(cfg).transforms[2].num_magnitude_bins == 20
+    # it changes pixels (the op draw is seeded by torch): against the same pipeline without it, same crop and flip
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    base = cfg_for(tmp_path)
+    changed = 0
+    for seed in range(8):
+        outs = []
+        for c in (cfg, base):
+            random.seed(seed), torch.manual_seed(seed)
+            outs.append(train_transform(c)(img))
+        assert outs[0].shape == outs[1].shape == (3, 32, 32)
+        changed += not torch.equal(outs[0], outs[1])
+    assert changed >= 6  # "Identity" is one of the 14 ops; a weak op at strength 0 may leave the image too
 
 
 def test_mixup_targets_and_losses():

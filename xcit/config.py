@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -90,7 +91,9 @@ class TrainConfig:
     vflip: float = _k(0.0, "vertical flip probability")
     color_jitter: float | None = _k(0.4, "color jitter strength (off when RandAugment is on, as in timm)")
     interpolation: str = _k("bilinear", "resize interpolation: " + " | ".join(INTERPOLATIONS))
-    auto_augment: str | None = _k(None, "e.g. randaug-m9-mstd0.5-inc1 (MindCV) or rand-m9-mstd0.5-inc1 (timm)")
+    auto_augment: str | None = _k(
+        None, "e.g. randaug-m9-mstd0.5-inc1 (MindCV) or rand-m9-mstd0.5-inc1 (timm), autoaug, augmix, trivialaugwide"
+    )
     aug_splits: int = _k(0, "AugMix splits (only 0 is supported)")
     re_prob: float = _k(0.0, "random erasing probability")
     re_scale: tuple[float, float] = _k((0.02, 0.33), "random erasing area range")
@@ -443,7 +446,11 @@ def _check_auto_augment(cfg: TrainConfig) -> None:
     if not spec:
         return
     if spec.startswith("trivialaug"):
-        raise ConfigError(f"bad value for 'auto_augment': {cfg.auto_augment!r} (TrivialAugment) is not supported")
+        if not re.fullmatch(r"trivialaugwide(-m([2-9]|[1-9]\d+))?", spec):
+            raise ConfigError(
+                f"bad value for 'auto_augment': {cfg.auto_augment!r} is not trivialaugwide[-mN] (N >= 2 strength bins)"
+            )
+        return
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
     build = rand_augment_transform if spec.startswith("rand") else auto_augment_transform

@@ -198,6 +198,8 @@ def train_transform(cfg: TrainConfig):
     from torchvision import transforms
 
     mean, std = cfg.norm_mean_std
+    spec = cfg.timm_auto_augment
+    trivial = spec is not None and spec.startswith("trivialaug")  # not in timm: torchvision's, added below
     t = create_transform(
         cfg.image_resize,
         is_training=True,
@@ -205,8 +207,8 @@ def train_transform(cfg: TrainConfig):
         ratio=cfg.ratio,
         hflip=cfg.hflip,
         vflip=cfg.vflip,
-        color_jitter=cfg.color_jitter or None,  # 0 means off
-        auto_augment=cfg.timm_auto_augment,
+        color_jitter=None if trivial else cfg.color_jitter or None,  # 0 means off; timm drops it under auto_augment
+        auto_augment=None if trivial else spec,
         interpolation=cfg.interpolation,
         mean=mean,
         std=std,
@@ -214,6 +216,9 @@ def train_transform(cfg: TrainConfig):
     )
     _posterize_accepts_zero_bits(t)
     _fuse_to_tensor_normalize(t)
+    if trivial:
+        at = next(i for i, op in enumerate(t.transforms) if isinstance(op, ToNormalizedTensor))
+        t.transforms.insert(at, trivial_augment_wide(spec, cfg.interpolation, mean))
     if cfg.re_prob > 0:
         erase = RandomErasing(
             cfg.re_prob,
@@ -227,6 +232,24 @@ def train_transform(cfg: TrainConfig):
         )
         t = transforms.Compose([*t.transforms, erase])
     return t
+
+
+def trivial_augment_wide(spec: str, interpolation: str, mean: tuple[float, ...]):
+    """MindCV's ``trivialaugwide[-mN]`` as torchvision's ``TrivialAugmentWide`` (Muller & Hutter, 2021).
+
+    One op per image, drawn uniformly, at a uniformly drawn strength over the wide ranges (rotate +-135 degrees,
+    shear +-0.99, enhance 0.01-1.99, ...), as MindCV's, which draws invert where this draws identity. ``mN``: N
+    strength bins over the full range (default 31, the paper's and torchvision's). Fill: the mean pixel, as timm's
+    RandAugment.
+    """
+    from torchvision.transforms import InterpolationMode, TrivialAugmentWide
+
+    levels = int(spec.partition("-m")[2] or 31)
+    mode = {"bilinear": InterpolationMode.BILINEAR, "nearest": InterpolationMode.NEAREST}.get(
+        interpolation, InterpolationMode.BICUBIC
+    )
+    fill = [min(255, round(255 * m)) for m in mean]
+    return TrivialAugmentWide(num_magnitude_bins=levels, interpolation=mode, fill=fill)
 
 
 class ToNormalizedTensor:
