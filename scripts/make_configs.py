@@ -108,7 +108,8 @@ def recipe(name: str) -> tuple[dict, str]:
         f"lr {keys['lr']:g} x {global_batch}/512.",
         f"Expected: top-1 {top1:.1f} on ImageNet-1k val (paper / official weights"
         + (
-            "; those used hard distillation from a RegNetY-16GF teacher, which this recipe omits)."
+            "; those used hard distillation from a RegNetY-16GF teacher: add --distillation_type hard "
+            "--teacher_path /path/to/regnety_160.pth, DeiT's weights)."
             if res == "384"
             else ")."
         ),

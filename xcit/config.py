@@ -140,6 +140,11 @@ class TrainConfig:
     sync_bn: bool = _k(False, "SyncBatchNorm across ranks (CUDA): BN statistics over the global batch", xcit=True)
     freeze_bn: bool = _k(False, "keep BatchNorm layers in eval mode (fixed statistics) while training", xcit=True)
     channels_last: bool = _k(False, "channels-last memory format (helps the conv stem on CUDA)", xcit=True)
+    distillation_type: str = _k("none", "knowledge distillation: none | hard (teacher's top-1) | soft (KL)", xcit=True)
+    distillation_alpha: float = _k(0.5, "loss = (1 - alpha) x label loss + alpha x teacher loss", xcit=True)
+    distillation_tau: float = _k(1.0, "soft distillation temperature", xcit=True)
+    teacher_model: str = _k("regnety_160", "an XCiT variant or a timm model (official: regnety_160)", xcit=True)
+    teacher_path: str = _k("", "teacher weights file (required with distillation; nothing is downloaded)", xcit=True)
     grad_checkpointing: bool = _k(
         False, "recompute each XCA block's activations in backward: less memory, one more block forward", xcit=True
     )
@@ -347,12 +352,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss_scale_type": ("fixed", "dynamic", "auto"),
     "mixup_mode": ("batch", "pair", "elem"),
     "device_target": DEVICES,
+    "distillation_type": ("none", "soft", "hard"),
 }
 _PROBABILITIES = ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing", "warmup_factor")
+_PROBABILITIES += ("distillation_alpha",)
 _NON_NEGATIVE = ("mixup", "cutmix", "weight_decay", "min_lr", "warmup_epochs", "aug_repeats", "ckpt_interval_steps")
 _POSITIVE = ("batch_size", "epoch_size", "image_resize", "val_interval", "log_interval", "lr", "keep_checkpoint_max")
 _POSITIVE += ("ckpt_save_interval", "gradient_accumulation_steps", "clip_value", "num_cycles", "decay_epochs")
-_POSITIVE += ("dist_timeout",)
+_POSITIVE += ("dist_timeout", "distillation_tau")
 
 
 def _normalise(values: dict[str, Any]) -> None:
@@ -423,6 +430,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError("'pretrained: True' needs a file here (nothing is downloaded): give the path to weights")
     if cfg.resume_opt and not cfg.ckpt_path:
         raise ConfigError("'resume_opt: True' needs 'ckpt_path' (the checkpoint to resume)")
+    if cfg.distillation_type != "none" and not cfg.teacher_path:
+        raise ConfigError(
+            f"'distillation_type: {cfg.distillation_type}' needs 'teacher_path', the weights of {cfg.teacher_model!r}"
+        )
+    if cfg.distillation_type != "none" and not Path(cfg.teacher_path).is_file():
+        raise ConfigError(f"bad value for 'teacher_path': {cfg.teacher_path} is not a file")
 
 
 def _check_model(cfg: TrainConfig) -> None:

@@ -355,7 +355,8 @@ class Criterion:
     label_smoothing: float = 0.0
     reduction: str = "mean"
 
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """``inputs`` (the images) is unused here; :class:`xcit.distill.DistillationLoss` takes the same call."""
         logits = logits.float()
         k = logits.shape[-1]
         if self.kind == "BCE":

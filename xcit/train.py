@@ -41,6 +41,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, notices, save_config
 from .data import Criterion, build_datasets, mixup_fn, train_loader, train_subset, val_loader
+from .distill import DistillationLoss, build_teacher
 from .evaluate import autocast, evaluate
 from .logging_utils import MetricsLog, setup_logging, step_log
 from .optim import LRSchedule, create_ema, create_optimizer, param_groups
@@ -130,6 +131,14 @@ def fit(
     )
     amp_dtype, scaler = amp_setup(cfg.amp_level, cfg.amp_dtype, cfg.loss_scale, world.device)
     val_dtype, _ = amp_setup(cfg.val_amp_level, cfg.amp_dtype, 1.0, world.device)
+    if cfg.distillation_type != "none":
+        teacher = build_teacher(cfg.teacher_model, cfg.teacher_path, num_classes, world.device)
+        criterion = DistillationLoss(
+            criterion, teacher, cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau, amp_dtype
+        )
+        if world.is_main:
+            log.info("distillation %s from %s (%s), alpha %g, tau %g", cfg.distillation_type, cfg.teacher_model,
+                     cfg.teacher_path, cfg.distillation_alpha, cfg.distillation_tau)  # fmt: skip
 
     # -- resume --------------------------------------------------------------------------------------------------
     state, rng = TrainState(), None
@@ -230,7 +239,7 @@ def train_one_epoch(
     loader,
     optimizer: torch.optim.Optimizer,
     schedule: LRSchedule,
-    criterion: Criterion,
+    criterion: Criterion | DistillationLoss,
     state: TrainState,
     *,
     device: torch.device,
@@ -275,7 +284,7 @@ def train_one_epoch(
         with no_sync:
             with autocast(device, amp_dtype):
                 logits = model(x)
-            loss = criterion(logits, y)
+            loss = criterion(logits, y, x)
             scaler.scale(loss / accum).backward()
         micro += loss.detach() / accum
         bar.update(1)
