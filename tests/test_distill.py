@@ -55,10 +55,13 @@ def test_teachers_are_frozen_xcit_or_timm_models_with_their_weights(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(teacher(x), ref.eval()(x))
 
-    own = xcit.create_model("xcit_nano_12_p16_224", num_classes=4)
+    own = xcit.create_model("xcit_nano_12_p16_224", num_classes=4, depth=3)  # an architecture the shapes pin down
     torch.save(own.state_dict(), tmp_path / "nano.pth")
     teacher = build_teacher("xcit_nano_12_p16_224", str(tmp_path / "nano.pth"), 4, torch.device("cpu"))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     torch.testing.assert_close(teacher(x), own.eval()(x))
+    with pytest.raises(ValueError, match="4 classes, the student 5"):
+        build_teacher("xcit_nano_12_p16_224", str(tmp_path / "nano.pth"), 5, torch.device("cpu"))
     with pytest.raises(WeightsError, match="shape mismatch"):  # a teacher for other classes is refused, not cut
         build_teacher("test_resnet", str(tmp_path / "resnet.pth"), 5, torch.device("cpu"))
 

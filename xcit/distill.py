@@ -29,11 +29,16 @@ DISTILLATION_TYPES = ("none", "soft", "hard")
 
 
 def build_teacher(name: str, path: str, num_classes: int, device: torch.device) -> nn.Module:
-    """The frozen teacher: an XCiT variant of this package or any timm model, with weights from ``path``."""
-    from .variants import VARIANTS, create_model
+    """The frozen teacher, with weights from ``path``: an XCiT variant of this package (any weight file it reads;
+    a training checkpoint rebuilds its recorded architecture and gives its EMA weights, as ``xcit validate``), or
+    any timm model."""
+    from .predict import load_model
+    from .variants import VARIANTS
 
     if name in VARIANTS:
-        teacher = create_model(name, num_classes=num_classes)
+        teacher = load_model(name, path)
+        if teacher.num_classes != num_classes:
+            raise ValueError(f"teacher {path} has {teacher.num_classes} classes, the student {num_classes}")
     else:
         import timm
 
@@ -41,7 +46,7 @@ def build_teacher(name: str, path: str, num_classes: int, device: torch.device) 
             teacher = timm.create_model(name, pretrained=False, num_classes=num_classes)
         except RuntimeError as e:  # timm: "Unknown model (...)"
             raise ValueError(f"teacher_model {name!r}: {e}") from None
-    load_weights(teacher, path, strict=True)
+        load_weights(teacher, path, strict=True)
     teacher.requires_grad_(False)
     return teacher.eval().to(device)
 
