@@ -99,6 +99,18 @@ def test_training_with_a_teacher(tmp_path):
     [
         (["--distillation_type", "hard"], "needs 'teacher_path'"),
         (["--distillation_type", "soft", "--teacher_path", "/no/such.pth"], "not a file"),
+    ],
+)
+def test_training_without_the_teacher_file_fails_before_any_work(tmp_path, argv, match):
+    cfg, explicit = load_config([*argv, "--data_dir", str(tmp_path / "none"), "--ckpt_save_dir", str(tmp_path / "o")])
+    with pytest.raises(ConfigError, match=match):  # before the (missing) data is looked at
+        fit(cfg, explicit)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
         (["--distillation_type", "feature"], "distillation_type"),
         (["--distillation_alpha", "1.5"], "probability"),
         (["--distillation_tau", "0"], "must be > 0"),

@@ -209,6 +209,8 @@ def test_validate_refuses_missing_weights_and_other_classes(tmp_path):
     ckpt = ["--ckpt_path", str(out / "ckpt_e0001.pth")]
     assert main([*common, *ckpt, "--results_file", str(tmp_path / "ok.json")]) == 0
     assert json.loads((tmp_path / "ok.json").read_text())["num_images"] == 6
+    gone = ["--distillation_type", "hard", "--teacher_path", str(tmp_path / "gone.pth")]  # as a KD run's config.yaml
+    assert main([*common, *ckpt, *gone]) == 0  # validation never needs the teacher
     (root / "val" / "c").rename(root / "val" / "d")  # a class the checkpoint never saw: refused unless asked for
     assert main([*common, *ckpt]) == 2
     skip = ["--ignore_class_mismatch", "True", "--results_file", str(tmp_path / "skip.json")]

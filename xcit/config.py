@@ -430,6 +430,10 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError("'pretrained: True' needs a file here (nothing is downloaded): give the path to weights")
     if cfg.resume_opt and not cfg.ckpt_path:
         raise ConfigError("'resume_opt: True' needs 'ckpt_path' (the checkpoint to resume)")
+
+
+def check_training(cfg: TrainConfig) -> None:
+    """What only training needs (validation never builds the teacher): a teacher file for distillation."""
     if cfg.distillation_type != "none" and not cfg.teacher_path:
         raise ConfigError(
             f"'distillation_type: {cfg.distillation_type}' needs 'teacher_path', the weights of {cfg.teacher_model!r}"

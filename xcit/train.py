@@ -39,7 +39,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, notices, save_config
+from .config import ConfigError, TrainConfig, check_training, notices, save_config
 from .data import Criterion, build_datasets, mixup_fn, train_loader, train_subset, val_loader
 from .distill import DistillationLoss, build_teacher
 from .evaluate import autocast, evaluate
@@ -81,6 +81,7 @@ def fit(
     ``stop`` (an active :class:`StopSignal`) has caught SIGTERM/SIGINT, the run saves a checkpoint after the
     current step and raises :class:`Preempted`.
     """
+    check_training(cfg)
     world = distributed.init(cfg.device_target, cfg.distribute, cfg.dist_timeout)
     out = Path(cfg.ckpt_save_dir)
     setup_logging(out / "train.log" if world.is_main else None, world.rank)
