@@ -12,7 +12,6 @@ official ``*_dist`` variants used DeiT's RegNetY-16GF (``regnety_160`` in timm),
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +21,6 @@ from torch import nn
 from .data import Criterion
 from .evaluate import autocast
 from .weights import load_weights
-
-log = logging.getLogger("xcit")
-
-DISTILLATION_TYPES = ("none", "soft", "hard")
 
 
 def build_teacher(name: str, path: str, num_classes: int, device: torch.device) -> nn.Module:
