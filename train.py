@@ -2,11 +2,9 @@
 (single process with ``--distribute False``; ``torchrun --nproc_per_node N train.py ...`` for several). Same as
 ``xcit train``."""
 
-import logging
 import sys
 
-from xcit.commands.train import main
+from xcit.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

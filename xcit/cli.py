@@ -49,14 +49,38 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         return int(module.main(rest) or 0)
-    except (ValueError, FileNotFoundError) as e:  # bad input (all of this package's errors are ValueErrors)
-        print(f"xcit {name}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `xcit models | head`: the reader left; stop quietly, as Unix tools do
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE
+    except (ValueError, OSError, ImportError) as e:  # bad input, files, missing extras: one line, exit 2
+        if isinstance(e, ImportError) and (e.name or "").split(".")[0] in ("", "xcit"):
+            raise  # a broken installation of this package itself: keep the traceback
+        print(f"xcit {name}: error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+# optional dependencies -> the extra that installs them (pyproject.toml)
+EXTRAS = {
+    "onnx": "export",
+    "onnxruntime": "export",
+    "onnxscript": "export",
+    "huggingface_hub": "hub",
+    "tensorboard": "tensorboard",
+    "webdataset": "data",
+    "datasets": "data",
+}
+
+
+def error_line(e: BaseException) -> str:
+    """The one line the CLI prints for an error: a missing optional package names the extra that installs it."""
+    if isinstance(e, ImportError) and e.name:
+        top = e.name.split(".")[0]
+        extra = EXTRAS.get(top)
+        fix = f"pip install -e '.[{extra}]' (or pip install {top})" if extra else f"pip install {top}"
+        return f"the optional package {top!r} is not installed: {fix}"
+    return str(e).strip() or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -128,7 +128,16 @@ def infer_arch(sd: dict[str, torch.Tensor], img_size: int = 224) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+SUPPORTED = (
+    "PyTorch .pth/.pt (zip or legacy pickle, tensors only), .safetensors, MindSpore .ckpt, or a save_pretrained folder"
+)
+
+
 def _torch_load(path: Path) -> object:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # neither torch's zip nor a pickle
+        raise WeightsError(f"{path}: not a weight file of any supported format ({SUPPORTED})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all become one clear error
@@ -334,7 +343,18 @@ def save_safetensors(
 
     metadata = {"format": "xcit", "flavour": flavour, **({"arch": arch} if arch else {}), **meta}
     tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; follow the umask as torch.save does
+
+    atomic_write(path, write)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def convert(
@@ -359,9 +379,12 @@ def convert(
         from .mindspore_ckpt import timm_to_mindcv, write_mindspore_ckpt
 
         write_mindspore_ckpt(dst, timm_to_mindcv(w.state_dict))
-    else:
+    else:  # timm / official layout: a bare state dict, as safetensors when the name asks for it
         sd = timm_to_official(w.state_dict) if to == "official" else w.state_dict
-        atomic_write(dst, lambda tmp: torch.save(sd, tmp))
+        if dst.suffix == ".safetensors":
+            save_safetensors(sd, dst, arch, w.flavour)
+        else:
+            atomic_write(dst, lambda tmp: torch.save(sd, tmp))
     if to in ("official", "timm", "mindspore") and w.flavour == "mindcv" and to != "mindspore":
         log.warning("%s holds MindCV-trained weights; they only reproduce MindCV's outputs with flavour='mindcv'", src)
     return Weights(w.state_dict, w.source_format, w.flavour, arch, w.extra)

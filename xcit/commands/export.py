@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.format == "export" and not args.out.endswith(".pt2"):
         parser.error("--format export writes a torch.export archive: --out must end in .pt2")
+    if args.format == "onnx":  # before any work: a missing [export] extra is one line naming it (xcit.cli)
+        for name in ("onnx", "onnxscript", "onnxruntime"):
+            importlib.import_module(name)
     model = load_model(args.model, args.pretrained, use_ema=args.ema)
     prep = eval_preprocessing(model, args.pretrained)
     H, W = (args.img_size * 2)[:2] if args.img_size else prep["input_size"][1:]

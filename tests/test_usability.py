@@ -1,0 +1,138 @@
+"""What a new user runs into first: conversions, one-line errors, file-type messages (through the CLI)."""
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import xcit
+from xcit.cli import main
+from xcit.weights import SUPPORTED
+
+from .conftest import perturb_
+
+KW = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10)
+NAME = "xcit_nano_12_p16_224"
+
+
+@pytest.fixture
+def weights(tmp_path):
+    model = perturb_(xcit.create_model(NAME, **KW)).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    return model, tmp_path / "w.pth"
+
+
+def _is_safetensors(path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return len(list(f.keys())) > 0
+
+
+@pytest.mark.parametrize("to", ["timm", "official"])
+def test_convert_to_timm_or_official_with_safetensors_name_writes_safetensors(weights, tmp_path, to):
+    from xcit.hub import timm_model
+
+    model, src = weights
+    dst = tmp_path / f"out_{to}.safetensors"
+    assert main(["convert", str(src), str(dst), "--to", to]) == 0
+    assert _is_safetensors(dst)
+    x = torch.randn(2, 3, 32, 32)
+    back = xcit.create_model(NAME, pretrained=dst, **KW).eval()  # and our reader reads it back
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+        if to == "timm":  # timm loads it as its own weights
+            torch.testing.assert_close(timm_model(dst, model)(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_python_convert_to_timm_writes_safetensors(weights, tmp_path):
+    _, src = weights
+    xcit.convert(src, tmp_path / "t.safetensors", to="timm")
+    assert _is_safetensors(tmp_path / "t.safetensors")
+
+
+def test_safetensors_files_follow_the_umask(weights, tmp_path):
+    _, src = weights
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", str(src), str(tmp_path / "u.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "u.safetensors").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_missing_export_extra_is_one_line_naming_it(weights, tmp_path, monkeypatch, capsys, missing):
+    _, src = weights
+    monkeypatch.setitem(sys.modules, missing, None)  # as if the package were not installed: import fails
+    assert main(["export", "--pretrained", str(src), "--model", NAME, "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"'{missing}'" in err and "pip install -e '.[export]'" in err
+
+
+def test_missing_hub_package_names_the_extra(monkeypatch, capsys, tmp_path):
+    from xcit.cli import error_line
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError) as e:
+        import huggingface_hub  # noqa: F401
+    assert "'.[hub]'" in error_line(e.value)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ImportError) as e:
+        import tensorboard  # noqa: F401
+    assert "'.[tensorboard]'" in error_line(e.value)
+
+
+def test_os_errors_are_one_line(weights, tmp_path, capsys):
+    _, src = weights
+    (tmp_path / "dir.safetensors").mkdir()  # a folder where the output file should go
+    assert main(["convert", str(src), str(tmp_path / "dir.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xcit convert: error:") and len(err.splitlines()) == 1
+
+
+def test_root_train_py_goes_through_the_cli_error_handling(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "afile").touch()  # ckpt_save_dir under a regular file: an OSError when the run makes its folder
+    r = subprocess.run([sys.executable, str(root / "train.py"), "--data_dir", str(tmp_path / "data"),
+                        "--ckpt_save_dir", str(tmp_path / "afile" / "out")], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "xcit train: error:" in r.stderr
+
+
+def _non_weight_files(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = Path(__file__).resolve().parents[1]
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photo.png")
+    (tmp_path / "table.csv").write_text("epoch,loss\n1,0.5\n")
+    return [root / "configs" / "demo.yaml", root / "README.md", tmp_path / "photo.png", tmp_path / "table.csv"]
+
+
+def test_a_file_that_is_not_weights_is_named_as_such(tmp_path, capsys):
+    for path in _non_weight_files(tmp_path):
+        argv = ["predict", str(tmp_path / "photo.png"), "--pretrained", str(path), "--model", NAME]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"xcit predict: error: {path}: not a weight file of any supported format ({SUPPORTED})", err
+
+
+def test_a_real_pickle_with_code_keeps_the_refusal(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    torch.save({"model": Evil()}, tmp_path / "evil_legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("evil.pth", "evil_legacy.pt"):
+        assert main(["predict", str(tmp_path / name), "--pretrained", str(tmp_path / name), "--model", NAME]) == 2
+        assert "refused to load" in capsys.readouterr().err
