@@ -56,6 +56,7 @@ RECIPE_224 = {
     "epoch_size": 400,
     "ema": True,
     "ema_decay": 0.99996,
+    "ema_warmup": "none",  # official main.py: timm 0.4 ModelEma, constant decay from the first step
     "clip_grad": False,
     "opt": "adamw",
     "eps": 1.0e-8,

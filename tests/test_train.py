@@ -17,7 +17,8 @@ import xcit
 from xcit.checkpoint import load_checkpoint
 from xcit.config import ConfigError, load_config
 from xcit.demo import DEMO_RECIPE, write_digits
-from xcit.optim import LRSchedule, create_ema, param_groups
+from xcit.ema import ModelEma
+from xcit.optim import LRSchedule, param_groups
 from xcit.train import TrainingDiverged, fit
 
 from .test_data import add_bad_files, make_folder
@@ -112,7 +113,7 @@ def test_bad_files_are_skipped_and_training_runs(tmp_path, caplog):
 
 def _state(path: Path) -> dict:
     ckpt = load_checkpoint(path)
-    return {k: ckpt[k] for k in ("model", "ema", "optimizer", "scheduler", "epoch", "step", "best_top1")}
+    return {k: ckpt[k] for k in ("model", "ema", "ema_updates", "optimizer", "scheduler", "epoch", "step", "best_top1")}
 
 
 def _assert_bitwise_equal(a, b, where="state"):
@@ -297,7 +298,7 @@ def test_warmup_then_cosine_per_step_and_resumable():
 def test_ema_is_applied_once_per_optimiser_step():
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    ema = create_ema(model, decay=0.9)
+    ema = ModelEma(model, decay=0.9, warmup="none")
     for _ in range(3):
         with torch.no_grad():
             model.weight.add_(1.0)

@@ -43,6 +43,7 @@ class ConfigError(ValueError):
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "random")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nadam", "lamb", "rmsprop", "adagrad", "lion")
+EMA_WARMUPS = ("mindcv", "none")
 SCHEDULERS = ("cosine_decay", "constant", "step_decay", "multi_step_decay", "exponential_decay")
 WD_FILTERS = ("official", "all", "norm_and_bias", "auto", "disable")
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
@@ -130,7 +131,8 @@ class TrainConfig:
     epoch_size: int = _k(90, "number of epochs")
     dataset_sink_mode: bool = _k(True, "Ascend data sinking (accepted, no effect)")
     ema: bool = _k(False, "keep an exponential moving average of the weights; validation uses it")
-    ema_decay: float = _k(0.9999, "EMA decay, applied once per optimiser step: ema = d * ema + (1 - d) * w")
+    ema_decay: float = _k(0.9999, "EMA decay d, once per optimiser step: ema = d_t * ema + (1 - d_t) * w")
+    ema_warmup: str = _k("mindcv", "mindcv: d_t = d x (1 - exp(-t/2000)) at step t | none: d_t = d", xcit=True)
     clip_grad: bool = _k(False, "clip the global gradient norm to clip_value")
     clip_value: float = _k(15.0, "max gradient norm when clip_grad")
     layer_decay: float | None = _k(
@@ -353,6 +355,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "mixup_mode": ("batch", "pair", "elem"),
     "device_target": DEVICES,
     "distillation_type": ("none", "soft", "hard"),
+    "ema_warmup": EMA_WARMUPS,
 }
 _PROBABILITIES = ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing", "warmup_factor")
 _PROBABILITIES += ("distillation_alpha",)
@@ -367,7 +370,8 @@ def _normalise(values: dict[str, Any]) -> None:
     values["device_target"] = values["device_target"].lower()
     if values["device_target"] == "gpu":
         values["device_target"] = "cuda"
-    for key in ("opt", "scheduler", "interpolation", "weight_decay_filter", "reduction", "lr_scale", "amp_dtype"):
+    lower = ("opt", "scheduler", "interpolation", "weight_decay_filter", "reduction", "lr_scale", "amp_dtype")
+    for key in (*lower, "ema_warmup"):
         values[key] = values[key].lower()
     for key in ("amp_level", "val_amp_level", "loss"):
         values[key] = values[key].upper()

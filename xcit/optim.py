@@ -20,9 +20,7 @@ the final norm and the head are ``depth + 1``; a parameter's lr is ``lr x layer_
 afterwards), or constant / step / multi-step / exponential decay. ``lr_epoch_stair`` holds it per epoch, which is
 how the official recipe's timm scheduler steps.
 
-**EMA** (``ema_decay``): timm's ``ModelEmaV3``, updated after every optimiser step (not per epoch, not per
-micro-batch): ``ema = d * ema + (1 - d) * weights``, parameters and buffers alike, with no warm-up, as the
-official ``ModelEma`` and MindCV's EMA do. ``d = 0.99996`` averages over roughly the last 25k steps.
+The weight EMA is in :mod:`xcit.ema`.
 """
 
 from __future__ import annotations
@@ -177,10 +175,3 @@ class LRSchedule:
     def load_state_dict(self, state: dict) -> None:
         self.last_step = int(state["last_step"])
         self._apply()
-
-
-def create_ema(model: nn.Module, decay: float):
-    """timm's ``ModelEmaV3`` of ``model`` (create it before wrapping the model in DDP or torch.compile)."""
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(model, decay=decay)

@@ -42,9 +42,10 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig, check_training, notices, save_config
 from .data import Criterion, build_datasets, mixup_fn, train_loader, train_subset, val_loader
 from .distill import DistillationLoss, build_teacher
+from .ema import ModelEma, describe_ema
 from .evaluate import autocast, evaluate
 from .logging_utils import MetricsLog, setup_logging, step_log
-from .optim import LRSchedule, create_ema, create_optimizer, param_groups
+from .optim import LRSchedule, create_optimizer, param_groups
 from .preemption import Preempted, StopSignal, elastic_restart_count
 from .variants import create_model
 from .weights import load_weights
@@ -106,7 +107,7 @@ def fit(
     # -- model ---------------------------------------------------------------------------------------------------
     torch.backends.cudnn.benchmark = world.device.type == "cuda"  # fixed input size: pick the fastest conv kernels
     model = build_model(cfg, num_classes, world.device)
-    ema = create_ema(model, cfg.ema_decay) if cfg.ema else None  # before SyncBN / compile / DDP (official)
+    ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None  # before SyncBN/compile/DDP (official)
     train_model = _wrap(model, cfg, world)
     _seed_everything(cfg.seed + world.rank)  # official main.py: seed + rank, so drop path differs across ranks
 
@@ -416,6 +417,7 @@ def checkpoint_state(
     return {
         "model": model.state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None,
+        "ema_updates": ema.updates if ema is not None else 0,
         "optimizer": optimizer.state_dict(),
         "scheduler": schedule.state_dict(),
         "scaler": scaler.state_dict(),
@@ -461,6 +463,7 @@ def restore(
     model.load_state_dict(ckpt["model"])
     if ema is not None:
         ema.module.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
+        ema.updates = int(ckpt.get("ema_updates", ckpt["step"]))  # older checkpoints: one update per step
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
@@ -519,7 +522,7 @@ def _banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, amp
              cfg.warmup_epochs)  # fmt: skip
     log.info("precision %s, compile %s, ema %s, output %s", amp_dtype or "fp32",
              "on" if cfg.compiles_on(world.device.type) else "off",
-             f"{cfg.ema_decay} per step" if cfg.ema else "off", cfg.ckpt_save_dir)  # fmt: skip
+             describe_ema(cfg.ema_decay, cfg.ema_warmup) if cfg.ema else "off", cfg.ckpt_save_dir)  # fmt: skip
 
 
 def _val_columns(val: dict | None) -> dict:
