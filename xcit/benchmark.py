@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluate import PRECISIONS
+from .precision import PRECISIONS, autocast
 
 MODES = ("infer", "train")
 DEIT = "deit_tiny_patch16_224"  # timm's token-attention baseline for the resolution sweep
@@ -52,13 +52,6 @@ DEIT = "deit_tiny_patch16_224"  # timm's token-attention baseline for the resolu
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``'s type, or nothing for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

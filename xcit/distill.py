@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Criterion
-from .evaluate import autocast
+from .precision import autocast
 from .weights import load_weights
 
 

@@ -8,7 +8,6 @@ shards as ``DistributedSampler`` does, would not.)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -20,18 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .distributed import all_reduce_sum
-
-# precision names of the inference commands -> autocast dtype (None: fp32, no autocast)
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .precision import autocast
 
 log = logging.getLogger("xcit")
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` for ``dtype`` on ``device``'s type, or a no-op for fp32 (``dtype`` None)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -142,7 +132,7 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
     from .config import notices
     from .data import DataError, build_datasets, class_folders, val_loader
     from .logging_utils import setup_logging
-    from .train import amp_setup
+    from .precision import amp_setup
 
     if not cfg.ckpt_path:
         raise DataError("validate needs --ckpt_path (MindCV would silently validate random weights)")

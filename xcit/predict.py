@@ -235,7 +235,7 @@ def predict(
     ``amp_dtype`` (``torch.bfloat16`` / ``torch.float16``) runs the model under autocast."""
     from tqdm import tqdm
 
-    from .evaluate import autocast
+    from .precision import autocast
 
     model = model.eval().to(device)
     k = min(topk, model.num_classes)

@@ -43,9 +43,10 @@ from .config import ConfigError, TrainConfig, check_training, notices, save_conf
 from .data import Criterion, build_datasets, mixup_fn, train_loader, train_subset, val_loader
 from .distill import DistillationLoss, build_teacher
 from .ema import ModelEma, describe_ema
-from .evaluate import autocast, evaluate
+from .evaluate import evaluate
 from .logging_utils import MetricsLog, setup_logging, step_log
 from .optim import LRSchedule, create_optimizer, param_groups
+from .precision import amp_setup, autocast
 from .preemption import Preempted, StopSignal, elastic_restart_count
 from .variants import create_model
 from .weights import load_weights
@@ -358,21 +359,6 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.to(device)
-
-
-def amp_setup(
-    amp_level: str, amp_dtype: str, loss_scale: float, device: torch.device
-) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """MindCV's ``amp_level`` -> (autocast dtype or None, gradient scaler). O0: fp32. O1/O2/O3: bf16 on CPU; on
-    CUDA bf16 (``amp_dtype`` auto where supported, or bf16) or fp16 with a scaler starting at ``loss_scale``."""
-    if amp_level == "O0":
-        return None, torch.amp.GradScaler(device.type, enabled=False)
-    if device.type != "cuda":
-        return torch.bfloat16, torch.amp.GradScaler(device.type, enabled=False)
-    bf16 = amp_dtype == "bf16" or (amp_dtype == "auto" and torch.cuda.is_bf16_supported())
-    if bf16:
-        return torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)
-    return torch.float16, torch.amp.GradScaler("cuda", init_scale=loss_scale, enabled=True)
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, world: distributed.World) -> nn.Module:

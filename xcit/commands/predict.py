@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import PRECISIONS
+from ..precision import PRECISIONS
 from ..predict import class_names, eval_preprocessing, eval_transform, find_images, load_model, predict
 from ._args import add_weights_arguments
 
