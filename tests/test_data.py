@@ -66,27 +66,61 @@ def cfg_for(root: Path, *extra: str):
     return load_config([*base, *extra])[0]
 
 
-def test_odd_files_convert_or_are_skipped_with_a_count(tmp_path, caplog):
+def test_odd_files_convert_and_bad_ones_are_found_when_read(tmp_path, caplog):
     root = make_folder(tmp_path / "ds")
     files = add_bad_files(root)
     with caplog.at_level(logging.WARNING, logger="xcit"):
         train, val = build_datasets(cfg_for(root))
-    assert dict(train.skipped) == {"zero bytes": 1, "corrupt": 1, "not an image": 1}
-    assert "skipped 3 files (1 corrupt, 1 not an image, 1 zero bytes): a/garbage.jpg: corrupt" in caplog.text
+    assert "skipped 1 files that are not images (by name): a/notes.txt" in caplog.text  # the listing opens nothing
     paths = [p for p, _ in train.samples]
-    for name in ("cmyk", "rgba", "gray16", "palette", "gray", "truncated"):
+    assert str(files["text"]) not in paths
+    for name in ("cmyk", "rgba", "gray16", "palette", "gray", "zero", "garbage", "truncated"):
         assert str(files[name]) in paths, name
     train.transform = None
     for name in ("cmyk", "rgba", "gray16", "palette", "gray"):
-        img, y = train[paths.index(str(files[name]))]
-        assert img.mode == "RGB" and img.size == (20, 20) and y == 0, name
+        img, y, bad = train[paths.index(str(files[name]))]
+        assert img.mode == "RGB" and img.size == (20, 20) and y == 0 and bad == (), name
     grey = np.asarray(train[paths.index(str(files["gray16"]))][0])
     assert 150 < grey.mean() < 160  # 40000/65535 of full scale, not clipped to white
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="xcit"):
-        img, y = train[paths.index(str(files["truncated"]))]  # decodes the next good file instead
-    assert "truncated.jpg" in caplog.text and img.mode == "RGB"
+    for name in ("zero", "garbage", "truncated"):  # replaced by the next good image, the bad one named
+        i = paths.index(str(files[name]))
+        img, y, bad = train[i]
+        assert img.mode == "RGB" and len(bad) >= 1 and str(files[name]) in bad[0], name
+        nxt = next(j for j in range(i + 1, len(paths)) if not any(s in paths[j] for s in ("zero", "garbage", "trunc")))
+        assert np.array_equal(np.asarray(img), np.asarray(train[nxt][0]))
     assert len(val) == 3 * 3
+
+
+def test_validation_scores_each_decodable_image_once_and_names_the_rest(tmp_path, caplog):
+    root = make_folder(tmp_path / "ds", per_class=8)  # 3 classes x 4 val images
+    files = add_bad_files(root)
+    for key in ("zero", "garbage", "truncated"):  # move them to val, beside 12 good images
+        files[key] = files[key].rename(root / "val" / "b" / files[key].name)
+    from xcit.evaluate import evaluate
+
+    class Count(torch.nn.Module):  # logits from the label's colour channel: every image is classified right
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    _, val = build_datasets(cfg_for(root))
+    assert len(val) == 15  # listed; which of them decode is found when read
+    for world in (1, 2, 3):  # each rank's shard on its own: the counts add up to the whole split
+        n = skipped = 0
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="xcit"):
+            for rank in range(world):
+                result = evaluate(Count(), val_loader(val, 4, 0, world, rank), torch.device("cpu"))
+                n, skipped = n + result["num_images"], skipped + result["skipped_images"]
+        assert (n, skipped) == (12, 3), world
+        assert all(str(files[key]) in caplog.text for key in ("zero", "garbage", "truncated")), world
+    loader = val_loader(val, 4, 0, 1, 0)
+    with caplog.at_level(logging.WARNING, logger="xcit"):
+        caplog.clear()
+        result = evaluate(Count(), loader, torch.device("cpu"))
+    assert result["top1"] == 100.0 and result["num_images"] == 12
+    assert "validation: 3 unreadable images skipped, not scored" in caplog.text
+    for key in ("zero", "garbage", "truncated"):
+        assert str(files[key]) in caplog.text
 
 
 def test_split_and_class_errors_come_before_training(tmp_path):
@@ -100,8 +134,8 @@ def test_split_and_class_errors_come_before_training(tmp_path):
     empty = tmp_path / "empty"
     (empty / "train" / "a").mkdir(parents=True)
     (empty / "val" / "a").mkdir(parents=True)
-    (empty / "train" / "a" / "x.jpg").write_bytes(b"")
-    with pytest.raises(DataError, match="no readable images"):
+    (empty / "train" / "a" / "x.txt").write_text("")
+    with pytest.raises(DataError, match="no images in 1 class folders"):
         build_datasets(cfg_for(empty))
 
 

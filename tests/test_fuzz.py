@@ -367,8 +367,8 @@ def test_non_finite_numbers_and_broken_yaml_lists_are_config_errors():
 @settings(FUZZ, max_examples=25)
 @given(mutated(IMAGE_SEEDS))
 def test_training_image_folder_skips_or_decodes_broken_files(case):
-    """Through the training data path: a broken file is skipped at scan time or replaced at load time."""
-    from xcit.data import ImageFolderRGB
+    """Through the training data path: a broken file is replaced by the good one when read, and named."""
+    from xcit.data import image_folder
 
     suffix, data = case
     cls = _DIR / "folder" / "a"
@@ -377,11 +377,11 @@ def test_training_image_folder_skips_or_decodes_broken_files(case):
         old.unlink()
     (cls / f"broken{suffix}").write_bytes(data)
     (cls / "good.png").write_bytes(IMAGE_SEEDS[".png"])
-    ds = ImageFolderRGB(_DIR / "folder")
-    assert 1 <= len(ds) <= 2 and len(ds) + len(ds.skipped_files) == 2
+    ds = image_folder(_DIR / "folder")
+    assert 1 <= len(ds) <= 2 and len(ds) + len(ds.listing.not_images) == 2
     for i in range(len(ds)):
-        img, label = ds[i]
-        assert img.mode == "RGB" and label == 0
+        img, label, bad = ds[i]
+        assert img.mode == "RGB" and label == 0 and all("broken" in msg for msg in bad)
 
 
 @pytest.mark.parametrize("policy", ["rand-m10-inc1", "rand-m0", "randaug-m9-mstd0.5-inc1"])

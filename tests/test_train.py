@@ -106,9 +106,15 @@ def test_bad_files_are_skipped_and_training_runs(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="xcit"):
         result = fit(cfg)
     assert sorted(p.name for p in (tmp_path / "out").glob("ckpt_e*.pth")) == ["ckpt_e0002.pth"]  # keep_checkpoint_max
-    assert "skipped 3 files (1 corrupt, 1 not an image, 1 zero bytes)" in caplog.text
-    assert "truncated.jpg" in caplog.text  # passed the header check, failed to decode, replaced
-    assert result["num_images"] == 9 and math.isfinite(result["loss"])
+    assert "skipped 1 files that are not images (by name): a/notes.txt" in caplog.text
+    for name in ("zero.jpg", "garbage.jpg", "truncated.jpg"):  # found when read, replaced, named
+        assert name in caplog.text
+    assert "epoch 1: 3 unreadable images replaced by the next good image" in caplog.text
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    # each bad file read in an epoch counts once (drop_remainder leaves a few images out of epoch 2)
+    assert rows[0]["bad_images"] == 3 and 1 <= rows[1]["bad_images"] <= 3 and rows[-1]["val_skipped"] == 0
+    assert "bad_images" in (tmp_path / "out" / "metrics.csv").read_text().splitlines()[0]
+    assert result["num_images"] == 9 and result["skipped_images"] == 0 and math.isfinite(result["loss"])
 
 
 def _state(path: Path) -> dict:

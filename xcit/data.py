@@ -1,10 +1,11 @@
 """Datasets, transforms, mixup/cutmix, the loss and the loaders of a training run.
 
 * **Data.** ``data_dir/<train_split>/<class>/*.jpg`` and ``data_dir/<val_split>/<class>/*``, torchvision's
-  ImageFolder layout. Every file's header is read once when the dataset is built (in threads): zero-byte,
-  non-image and undecodable files are skipped with one counted warning. Any image mode (grayscale, RGBA, CMYK,
-  palette, 16-bit) becomes 8-bit RGB (:func:`xcit.imageio.load_rgb`). A file that still fails to decode later
-  (a truncated JPEG passes the header check) is replaced by the next good image with a warning naming it.
+  ImageFolder layout, indexed from directory listings alone (:mod:`xcit.readers`: no file is opened, symlink
+  loops are not followed). Any image mode (grayscale, RGBA, CMYK, palette, 16-bit) becomes 8-bit RGB
+  (:func:`xcit.imageio.load_rgb`). A file that fails to decode (zero bytes, not an image, truncated, too many
+  pixels) is found when it is read: in training it is replaced by the next good image, in validation it is left
+  out; both are counted and named once per epoch.
 * **Transforms.** timm's ``create_transform``, which defines the official recipe (random resized crop, flips,
   color jitter, RandAugment; eval resize to ``image_resize / crop_pct`` then centre crop), plus timm's
   ``RandomErasing`` with MindCV's area/aspect keys and timm's ``Mixup`` (mixup, cutmix, switch probability,
@@ -17,12 +18,8 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import warnings
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from .config import ConfigError, TrainConfig
-from .imageio import MAX_PIXELS, ImageError, load_rgb
 from .preemption import worker_ignores_stop_signals
+from .readers import CountingLoader, ImageDataset, class_folders, collate, list_folder
 from .sampler import ResumableSampler, SeededDataset
 
 log = logging.getLogger("xcit")
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".jfif", ".gif")
 
 
 class DataError(ConfigError):
@@ -47,84 +42,24 @@ class DataError(ConfigError):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Files
+# Datasets
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _header_problem(path: Path) -> str | None:
-    """Why ``path`` is not a usable image, from its size and header only (cheap); None if it looks fine."""
-    if path.suffix.lower() not in IMG_EXTENSIONS:
-        return "not an image"
-    try:
-        if path.stat().st_size == 0:
-            return "zero bytes"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:  # parses the header, decodes nothing
-                w, h = im.size
-    except Exception:  # noqa: BLE001 - PIL raises assorted types for garbage
-        return "corrupt"
-    return "too large" if w * h > MAX_PIXELS else None
+def image_folder(
+    root: str | Path, classes: list[str] | None = None, transform=None, skip_bad: bool = False
+) -> ImageDataset:
+    """An ImageFolder split indexed from its listing (:func:`xcit.readers.list_folder`), as an :class:`ImageDataset`."""
+    source, listing = list_folder(root, classes)
+    return ImageDataset(source, transform, skip_bad, listing)
 
 
-def scan_split(
-    root: Path, classes: list[str] | None = None
-) -> tuple[list[tuple[str, int]], list[str], list[tuple[str, str]]]:
-    """``(samples, class folders, skipped)`` of one ImageFolder split; ``classes`` fixes the label order.
-
-    Files are checked in parallel threads (header reads are I/O bound). ``skipped`` holds ``(path, reason)``.
-    """
-    found = class_folders(root)
-    classes = found if classes is None else classes
-    index = {c: i for i, c in enumerate(classes)}
-    files = [
-        (Path(dirpath) / f, index[c])
-        for c in found
-        if c in index
-        for dirpath, _, names in sorted(os.walk(root / c, followlinks=True))
-        for f in sorted(names)
-        if not f.startswith(".")
-    ]
-    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
-        problems = list(pool.map(lambda ft: _header_problem(ft[0]), files))
-    skipped = [(str(path), p) for (path, _), p in zip(files, problems) if p]
-    samples = [(str(path), y) for (path, y), p in zip(files, problems) if p is None]
-    return samples, found, skipped
-
-
-class ImageFolderRGB(Dataset):
-    """An ImageFolder split whose files were checked at build time; images come out as RGB (then ``transform``)."""
-
-    def __init__(self, root: str | Path, classes: list[str] | None = None, transform=None) -> None:
-        self.root = Path(root)
-        self.samples, self.found_classes, self.skipped_files = scan_split(self.root, classes)
-        self.skipped = Counter(why for _, why in self.skipped_files)
-        self.classes = self.found_classes if classes is None else list(classes)
-        self.targets = [y for _, y in self.samples]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        # a file that passed the header check can still be truncated: take the next good one rather than crash
-        for k in range(min(len(self.samples), 16)):
-            path, y = self.samples[(i + k) % len(self.samples)]
-            try:
-                img = load_rgb(path)
-            except (ImageError, OSError) as e:
-                log.warning("skipping unreadable image (%s); using the next one", e)
-                continue
-            return (self.transform(img) if self.transform else img), y
-        raise DataError(f"{self.root}: 16 consecutive images failed to decode near index {i}")
-
-
-def _report(split: str, ds: ImageFolderRGB) -> None:
-    if ds.skipped:
-        detail = ", ".join(f"{n} {why}" for why, n in sorted(ds.skipped.items()))
-        examples = "; ".join(f"{Path(p).relative_to(ds.root)}: {why}" for p, why in ds.skipped_files[:5])
-        more = ", ..." if len(ds.skipped_files) > 5 else ""
-        log.warning("%s: skipped %d files (%s): %s%s", split, len(ds.skipped_files), detail, examples, more)
+def _report(split: str, ds: ImageDataset) -> None:
+    skipped = ds.listing.not_images
+    if skipped:
+        examples = "; ".join(os.path.relpath(p, ds.source.root) for p in skipped[:5])
+        more = ", ..." if len(skipped) > 5 else ""
+        log.warning("%s: skipped %d files that are not images (by name): %s%s", split, len(skipped), examples, more)
 
 
 def build_datasets(
@@ -133,7 +68,7 @@ def build_datasets(
     need_train: bool = True,
     need_val: bool = True,
     skip_unknown_val: bool = False,
-) -> tuple[ImageFolderRGB | None, ImageFolderRGB | None]:
+) -> tuple[ImageDataset | None, ImageDataset | None]:
     """Train (unless ``need_train`` is False) and val datasets with their transforms.
 
     Labels follow ``classes`` if given (a checkpoint's), else train's sorted class folders (val's when there is no
@@ -149,10 +84,10 @@ def build_datasets(
             raise DataError(f"{split} split not found: {d} (ImageFolder layout: {root}/<split>/<class>/<image>)")
     train = None
     if need_train:
-        train = ImageFolderRGB(train_dir, classes=classes, transform=train_transform(cfg))
+        train = image_folder(train_dir, classes, train_transform(cfg))
         _report(str(train_dir), train)
-        if not train.samples:
-            raise DataError(f"{train_dir}: no readable images in {len(train.found_classes)} class folders")
+        if not len(train):
+            raise DataError(f"{train_dir}: no images in {len(train.source.found_classes)} class folders")
         empty = sorted(set(train.classes) - {train.classes[y] for y in set(train.targets)})
         if empty:
             log.warning("%s: %d classes have no readable training images: %s", train_dir, len(empty), empty[:10])
@@ -169,16 +104,11 @@ def build_datasets(
                     unknown[:10])  # fmt: skip
     elif unknown:
         raise DataError(f"{val_dir}: {len(unknown)} classes are not in {where}: {unknown[:10]}")
-    val = ImageFolderRGB(val_dir, classes=classes, transform=eval_transform(cfg))
+    val = image_folder(val_dir, classes, eval_transform(cfg), skip_bad=True)
     _report(str(val_dir), val)
-    if not val.samples:
-        raise DataError(f"{val_dir}: no readable images")
+    if not len(val):
+        raise DataError(f"{val_dir}: no images")
     return train, val
-
-
-def class_folders(split_dir: str | Path) -> list[str]:
-    """Sorted class folder names of an ImageFolder split."""
-    return sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -380,19 +310,17 @@ def _workers(n: int) -> int:
     return max(0, min(n, os.cpu_count() or 1))
 
 
-def train_subset(ds: ImageFolderRGB, num_samples: int | None, seed: int) -> ImageFolderRGB:
+def train_subset(ds: ImageDataset, num_samples: int | None, seed: int) -> ImageDataset:
     """A fixed random subset of ``num_samples`` images (MindCV's ``num_samples``); the whole set when None."""
     if not num_samples or num_samples >= len(ds):
         return ds
     keep = sorted(np.random.default_rng(seed).permutation(len(ds))[:num_samples].tolist())
-    sub = copy.copy(ds)  # same classes and transform; a plain dataset, not a Subset (see SeededDataset)
-    sub.samples = [ds.samples[i] for i in keep]
-    sub.targets = [y for _, y in sub.samples]
-    return sub
+    return ds.subset(keep)  # same classes and transform; a plain dataset, not a Subset (see SeededDataset)
 
 
-def train_loader(ds: Dataset, cfg: TrainConfig, world: int, rank: int) -> DataLoader:
-    """Seeded, sharded, resumable training loader. ``batch_size`` is per rank."""
+def train_loader(ds: ImageDataset, cfg: TrainConfig, world: int, rank: int) -> CountingLoader:
+    """Seeded, sharded, resumable training loader. ``batch_size`` is per rank. Bad files met are counted
+    (:func:`xcit.readers.report_bad_reads`)."""
     sampler = ResumableSampler(
         len(ds),
         shuffle=cfg.shuffle,
@@ -404,29 +332,36 @@ def train_loader(ds: Dataset, cfg: TrainConfig, world: int, rank: int) -> DataLo
         batch_size=cfg.batch_size,
     )
     n = _workers(cfg.num_parallel_workers)
-    return DataLoader(
-        SeededDataset(ds),
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=n,
-        drop_last=cfg.drop_remainder,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-        generator=torch.Generator(),  # workers' base seed must not come from the global RNG (see xcit.sampler)
-        worker_init_fn=worker_ignores_stop_signals,  # SIGTERM/SIGINT are the main process's to handle
-        prefetch_factor=4 if n else None,
+    return CountingLoader(
+        DataLoader(
+            SeededDataset(ds),
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=n,
+            drop_last=cfg.drop_remainder,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            generator=torch.Generator(),  # workers' base seed must not come from the global RNG (see xcit.sampler)
+            worker_init_fn=worker_ignores_stop_signals,  # SIGTERM/SIGINT are the main process's to handle
+            prefetch_factor=4 if n else None,
+        )
     )
 
 
-def val_loader(ds: Dataset, batch_size: int, workers: int, world: int, rank: int) -> DataLoader:
-    """Rank ``r`` of ``W`` gets images ``r, r + W, ...``: shards differ by at most one image and none repeats."""
+def val_loader(ds: ImageDataset, batch_size: int, workers: int, world: int, rank: int) -> CountingLoader:
+    """Rank ``r`` of ``W`` gets images ``r, r + W, ...``: shards differ by at most one image and none repeats.
+    Undecodable images are left out and named (``ds.skip_bad``), never replaced."""
     shard = Subset(ds, list(range(rank, len(ds), world)))
     n = _workers(workers)
-    return DataLoader(
-        shard,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=n,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator(),
+    return CountingLoader(
+        DataLoader(
+            shard,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=n,
+            collate_fn=collate,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator(),
+        )
     )

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .distributed import all_reduce_sum
 from .precision import autocast
+from .readers import report_bad_reads
 
 log = logging.getLogger("xcit")
 
@@ -32,7 +33,8 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> dict:
-    """``{"top1", "top5" (percent), "loss" (mean cross-entropy), "num_images", "img_per_sec"}`` over all ranks.
+    """``{"top1", "top5" (percent), "loss" (mean cross-entropy), "num_images", "skipped_images", "img_per_sec"}`` over
+    all ranks; ``skipped_images`` counts undecodable files, each named in the log and none scored.
 
     Every rank must call this (it all-reduces). ``img_per_sec`` is all images over the slowest rank's time.
     """
@@ -53,6 +55,7 @@ def evaluate(
         sums += torch.stack([loss.double().sum(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(), count])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    skipped = report_bad_reads(loader, "validation", "skipped, not scored")  # each named, never substituted
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     all_reduce_sum(sums)
     _all_reduce_max(elapsed)
@@ -64,6 +67,7 @@ def evaluate(
         "top5": 100.0 * top5 / max(n, 1),
         "loss": loss_sum / max(n, 1),
         "num_images": n,
+        "skipped_images": skipped,
         "img_per_sec": n / max(elapsed.item(), 1e-9),
     }
 

@@ -11,7 +11,10 @@ from pathlib import Path
 log = logging.getLogger("xcit")
 step_log = logging.getLogger("xcit.steps")  # per-step lines: the log file only (the console has the tqdm bar)
 
-COLUMNS = ("epoch", "step", "train_loss", "lr", "val_loss", "top1", "top5", "epoch_time", "img_per_sec")
+COLUMNS = (
+    "epoch", "step", "train_loss", "lr", "val_loss", "top1", "top5", "epoch_time", "img_per_sec", "bad_images",
+    "val_skipped",
+)  # fmt: skip
 
 
 def setup_logging(log_file: Path | None, rank: int = 0) -> None:

@@ -48,6 +48,7 @@ from .logging_utils import MetricsLog, setup_logging, step_log
 from .optim import LRSchedule, create_optimizer, param_groups
 from .precision import amp_setup, autocast
 from .preemption import Preempted, StopSignal, elastic_restart_count
+from .readers import report_bad_reads
 from .variants import create_model
 from .weights import load_weights
 
@@ -204,6 +205,7 @@ def fit(
             on_step=after_step,
             last_checkpoint=lambda: latest_checkpoint(out, CKPT_PATTERN) if world.is_main else None,
         )
+        stats["bad_images"] = report_bad_reads(loader, f"epoch {epoch + 1}", "replaced by the next good image", 10)
         state.epoch, state.batches_done = epoch + 1, 0
         last_val = None
         if vloader is not None and (
@@ -513,8 +515,8 @@ def _banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, amp
 
 def _val_columns(val: dict | None) -> dict:
     if val is None:
-        return {"val_loss": None, "top1": None, "top5": None}
-    return {"val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"]}
+        return {"val_loss": None, "top1": None, "top5": None, "val_skipped": None}
+    return {"val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"], "val_skipped": val["skipped_images"]}
 
 
 def _log_epoch(epoch: int, epochs: int, stats: dict, val: dict | None, state: TrainState) -> None:
