@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .weights import WeightsError
+from .errors import WeightsError
+from .fileio import atomic_write
 
 log = logging.getLogger("xcit")
 
@@ -98,19 +99,6 @@ def verify_checkpoint(path: str | os.PathLike) -> bool | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems (and Windows) cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class _RecordingWriter:
     """A file wrapper that remembers the ``OSError`` (ENOSPC, EFBIG, EIO, ...) that torch's writer hides."""
 
@@ -136,15 +124,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """
     path = Path(path)
     _check_weights_only_safe(state, path, "state")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     writer = None
-    try:
+
+    def write(tmp: Path) -> None:
+        nonlocal writer
         with open(tmp, "wb") as f:
             writer = _RecordingWriter(f)
             torch.save(state, writer)
         _seal(tmp)
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except (OSError, RuntimeError) as e:
         # torch's zip writer turns a failed write into "RuntimeError: unexpected pos"; report the OS's reason
         cause = writer.error if writer is not None and writer.error is not None else e
@@ -153,12 +143,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise CheckpointError(
             f"{path}: could not write the checkpoint ({reason}); the previous checkpoint, if any, is intact"
         ) from cause
-    finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-    _fsync_dir(path.parent)
 
 
 # exactly the types torch.load(weights_only=True) rebuilds (numpy scalars and defaultdict are refused there)

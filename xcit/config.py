@@ -28,6 +28,8 @@ from typing import Any, Union
 
 import yaml
 
+from .errors import ConfigError
+
 
 def _k(default: Any, help_: str, *, xcit: bool = False) -> Any:
     """A config field with its help text next to its default ("[xcit]" marks keys MindCV does not have)."""
@@ -35,10 +37,6 @@ def _k(default: Any, help_: str, *, xcit: bool = False) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-class ConfigError(ValueError):
-    """An unknown key or a value that does not fit its key. Raised before any work starts."""
 
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "random")
@@ -607,7 +605,7 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
 
 def save_config(cfg: TrainConfig, path: str | Path, header: str = "") -> None:
     """The resolved config as YAML (atomic write), loadable again with ``-c``."""
-    from .weights import atomic_write
+    from .fileio import atomic_write
 
     text = (f"# {header}\n" if header else "") + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_write
 from .model import XCiT, XCiTConfig
 from .variants import VARIANTS, get_config
-from .weights import WeightsError, atomic_write, load_state_dict_checked, read_weights, save_safetensors
+from .weights import WeightsError, load_state_dict_checked, read_weights, save_safetensors
 
 log = logging.getLogger("xcit")
 

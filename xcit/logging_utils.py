@@ -8,6 +8,8 @@ import json
 import logging
 from pathlib import Path
 
+from .fileio import atomic_write
+
 log = logging.getLogger("xcit")
 step_log = logging.getLogger("xcit.steps")  # per-step lines: the log file only (the console has the tqdm bar)
 
@@ -111,10 +113,10 @@ class MetricsLog:
         for a in ax:
             a.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = self.png.with_name(".metrics.tmp.png")
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        tmp.replace(self.png)
+        try:
+            atomic_write(self.png, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+        finally:
+            plt.close(fig)
 
     def close(self) -> None:
         if self.tb is not None:

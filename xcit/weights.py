@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import WeightsError
+from .fileio import atomic_write
+
 log = logging.getLogger("xcit")
 
 FORMATS = ("safetensors", "official", "timm", "mindspore")
-
-
-class WeightsError(ValueError):
-    """A weight file that cannot be read or does not fit the model. The message names the file."""
 
 
 @dataclass
@@ -318,21 +317,6 @@ def load_weights(
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: str | os.PathLike, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_safetensors(
