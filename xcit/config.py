@@ -43,7 +43,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "random")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nadam", "lamb", "rmsprop", "adagrad", "lion")
 EMA_WARMUPS = ("mindcv", "none")
 SCHEDULERS = ("cosine_decay", "constant", "step_decay", "multi_step_decay", "exponential_decay")
-WD_FILTERS = ("official", "all", "norm_and_bias", "auto", "disable")
+WD_FILTERS = ("official", "all", "norm_and_bias", "disable")  # what xcit.optim.param_groups takes
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 DEVICES = ("auto", "cpu", "cuda", "gpu", "ascend")
 IGNORED_KEYS = ("enable_modelarts", "multi_data_url", "data_url", "ckpt_url", "train_url", "amp_cast_list")
@@ -340,7 +340,7 @@ def _set(values: dict[str, Any], key: str, raw: Any, where: str) -> None:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "opt": OPTIMIZERS,
     "scheduler": SCHEDULERS,
-    "weight_decay_filter": WD_FILTERS,
+    "weight_decay_filter": (*WD_FILTERS, "auto"),  # auto: official (resolved when the config loads)
     "amp_level": AMP_LEVELS,
     "val_amp_level": AMP_LEVELS,
     "amp_dtype": ("auto", "bf16", "fp16"),

@@ -20,7 +20,6 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,6 @@ from torch.utils.checkpoint import checkpoint
 
 from . import fused
 
-Flavour = Literal["official", "mindcv"]
 FLAVOURS: tuple[str, ...] = ("official", "mindcv")
 
 

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-WD_FILTERS = ("official", "all", "norm_and_bias", "disable")
+from .config import WD_FILTERS
 
 
 def layer_id(name: str, depth: int) -> int:

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from .model import XCiT
+from .readers import IMG_EXTENSIONS
 
 log = logging.getLogger("xcit")
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -185,7 +184,7 @@ def find_images(paths: list[str | os.PathLike]) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
         else:
             found.append(p)  # missing files are reported by predict(), not dropped silently
     return found

@@ -121,10 +121,6 @@ def create_model(
     return model
 
 
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def gmacs(cfg: XCiTConfig, img_size: int | tuple[int, int] | None = None) -> float:
     """Multiply-accumulates of one forward pass, in billions, counted analytically (convs, linears, XCA, CA)."""
     H, W = (img_size, img_size) if isinstance(img_size, int) else (img_size or (cfg.img_size, cfg.img_size))
