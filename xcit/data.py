@@ -30,8 +30,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from .config import ConfigError, TrainConfig
+from .index_cache import folder_key, shared_index
 from .preemption import worker_ignores_stop_signals
-from .readers import CountingLoader, ImageDataset, class_folders, collate, list_folder
+from .readers import CountingLoader, FolderSource, ImageDataset, Listing, class_folders, collate, list_folder
 from .sampler import ResumableSampler, SeededDataset
 
 log = logging.getLogger("xcit")
@@ -47,14 +48,29 @@ class DataError(ConfigError):
 
 
 def image_folder(
-    root: str | Path, classes: list[str] | None = None, transform=None, skip_bad: bool = False
+    root: str | Path,
+    classes: list[str] | None = None,
+    transform=None,
+    skip_bad: bool = False,
+    cache_dir: Path | None = None,
 ) -> ImageDataset:
-    """An ImageFolder split indexed from its listing (:func:`xcit.readers.list_folder`), as an :class:`ImageDataset`."""
-    source, listing = list_folder(root, classes)
-    return ImageDataset(source, transform, skip_bad, listing)
+    """An ImageFolder split indexed from its listing (:func:`xcit.readers.list_folder`), as an :class:`ImageDataset`.
+    Under torchrun only rank 0 lists; with ``cache_dir`` the index is reused while the tree is unchanged
+    (:func:`xcit.index_cache.shared_index`)."""
+    root = Path(root)
+    objs = shared_index(
+        str(root),
+        lambda: folder_key(root, classes),
+        lambda: dict(zip(("source", "listing"), list_folder(root, classes))),
+        {"FolderSource": FolderSource, "Listing": Listing},
+        cache_dir,
+    )
+    return ImageDataset(objs["source"], transform, skip_bad, objs["listing"])
 
 
 def _report(split: str, ds: ImageDataset) -> None:
+    for loop in ds.listing.loops:
+        log.warning("%s: symlink loop %s not followed (each file is listed once)", split, loop)
     skipped = ds.listing.not_images
     if skipped:
         examples = "; ".join(os.path.relpath(p, ds.source.root) for p in skipped[:5])
@@ -68,12 +84,14 @@ def build_datasets(
     need_train: bool = True,
     need_val: bool = True,
     skip_unknown_val: bool = False,
+    cache_dir: Path | None = None,
 ) -> tuple[ImageDataset | None, ImageDataset | None]:
     """Train (unless ``need_train`` is False) and val datasets with their transforms.
 
     Labels follow ``classes`` if given (a checkpoint's), else train's sorted class folders (val's when there is no
     train split). A missing val split gives ``None`` unless ``need_val``. An empty split, or a val class that the
     label set lacks, is a :class:`DataError` (with ``skip_unknown_val``, such folders are left out with a warning).
+    ``cache_dir``: where the indexes are kept between runs (see :func:`image_folder`).
     """
     root = Path(cfg.data_dir)
     train_dir, val_dir = root / cfg.train_split, root / cfg.val_split
@@ -84,7 +102,7 @@ def build_datasets(
             raise DataError(f"{split} split not found: {d} (ImageFolder layout: {root}/<split>/<class>/<image>)")
     train = None
     if need_train:
-        train = image_folder(train_dir, classes, train_transform(cfg))
+        train = image_folder(train_dir, classes, train_transform(cfg), cache_dir=cache_dir)
         _report(str(train_dir), train)
         if not len(train):
             raise DataError(f"{train_dir}: no images in {len(train.source.found_classes)} class folders")
@@ -104,7 +122,7 @@ def build_datasets(
                     unknown[:10])  # fmt: skip
     elif unknown:
         raise DataError(f"{val_dir}: {len(unknown)} classes are not in {where}: {unknown[:10]}")
-    val = image_folder(val_dir, classes, eval_transform(cfg), skip_bad=True)
+    val = image_folder(val_dir, classes, eval_transform(cfg), skip_bad=True, cache_dir=cache_dir)
     _report(str(val_dir), val)
     if not len(val):
         raise DataError(f"{val_dir}: no images")

@@ -93,7 +93,8 @@ def fit(
     _seed_everything(cfg.seed)  # the same initial weights on every rank (the EMA copy is made before DDP syncs)
 
     # -- data ----------------------------------------------------------------------------------------------------
-    train_set, val_set = build_datasets(cfg, need_val=cfg.val_while_train or bool(cfg.results_file))
+    need_val = cfg.val_while_train or bool(cfg.results_file)
+    train_set, val_set = build_datasets(cfg, need_val=need_val, cache_dir=out / "data_index")  # listed once a job
     classes = train_set.classes
     num_classes = _num_classes(cfg.num_classes, classes)
     train_set = train_subset(train_set, cfg.num_samples, cfg.seed)
