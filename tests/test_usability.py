@@ -136,3 +136,47 @@ def test_a_real_pickle_with_code_keeps_the_refusal(tmp_path, capsys):
     for name in ("evil.pth", "evil_legacy.pt"):
         assert main(["predict", str(tmp_path / name), "--pretrained", str(tmp_path / name), "--model", NAME]) == 2
         assert "refused to load" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "spec, named",
+    [
+        ("randaugm9", "unknown policy 'randaugm9'"),
+        ("rand-m9-mstd0.5-inc1x", "part 'inc1x': inc takes 0 or 1"),
+        ("randaug-m9-foo", "unknown part 'foo'"),
+        ("rand-mx", "part 'mx': m takes an integer"),
+        ("rand-m9-", "unknown part ''"),
+        ("augmix-m5-q2", "unknown part 'q2'"),
+        ("original-m3", "unknown part 'm3'"),
+    ],
+)
+def test_bad_auto_augment_names_the_part(tmp_path, capsys, spec, named):
+    assert main(["train", "--data_dir", str(tmp_path), "--auto_augment", spec]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"xcit train: error: bad value for 'auto_augment': {spec!r}: ") and named in err, err
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["rand-m9-mstd0.5-inc1", "randaug-m9-mstd0.5-inc1", "rand-m9-n3-mstd0.5", "rand-mstd1-tweights", "rand-m7-p0.3",
+     "rand-m9-mmax10-t3a", "original-mstd0.5", "originalr", "autoaug", "autoaugr-mstd0.5", "v0", "v0r", "3a",
+     "augmix", "augmix-m5-w4-d2", "augmix-m5-a1.0-b1-mstd0.5", "trivialaugwide-m20"],
+)  # fmt: skip
+def test_every_timm_and_mindcv_spelling_is_accepted(spec):
+    from xcit.config import load_config
+
+    assert load_config(["--auto_augment", spec])[0].auto_augment == spec
+
+
+def test_tensorboard_missing_is_one_notice(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from xcit.logging_utils import MetricsLog
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without tensorboard installed
+    with caplog.at_level(logging.INFO, logger="xcit"):
+        MetricsLog(tmp_path, tensorboard=True)
+        MetricsLog(tmp_path, tensorboard=False)  # turned off: no notice
+    assert [r.message for r in caplog.records if "tensorboard" in r.message] == [
+        "tensorboard: not installed, no event files (pip install -e '.[tensorboard]'; tensorboard: False silences this)"
+    ]

@@ -470,6 +470,12 @@ def _check_auto_augment(cfg: TrainConfig) -> None:
                 f"bad value for 'auto_augment': {cfg.auto_augment!r} is not trivialaugwide[-mN] (N >= 2 strength bins)"
             )
         return
+    from .augment_spec import parse_policy
+
+    try:  # every part checked: timm's parsers skip parts they cannot split (rand-mx trains as rand)
+        parse_policy(cfg.auto_augment)
+    except ValueError as e:
+        raise ConfigError(f"bad value for 'auto_augment': {cfg.auto_augment!r}: {e}") from None
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
     build = rand_augment_transform if spec.startswith("rand") else auto_augment_transform

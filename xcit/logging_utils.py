@@ -59,8 +59,9 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
+            except ImportError:  # tensorboard is optional: say so once, at start-up
+                log.info("tensorboard: not installed, no event files (pip install -e '.[tensorboard]'; "
+                         "tensorboard: False silences this)")  # fmt: skip
 
     def _read(self) -> list[dict]:
         if not self.jsonl.is_file():
