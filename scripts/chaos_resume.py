@@ -1,6 +1,7 @@
 """Kill a training run with SIGKILL at random moments, resume it each time, and compare with an uninterrupted run.
 
     python scripts/chaos_resume.py --kills 10 --seed 0
+    python scripts/chaos_resume.py --elastic --kills 5 --max_restarts 3 --seed 0
 
 Both runs train a tiny XCiT on CPU on a small ImageFolder (scikit-learn's digits, written to disk) with every
 source of randomness switched on: random resized crops, flips, RandAugment, random erasing, mixup/cutmix, drop
@@ -9,6 +10,11 @@ path, EMA, DataLoader workers, and a checkpoint after every optimiser step. The 
 random moment: during start-up (one time in five), or after 1-4 new checkpoints, mid-step, mid-save or between.
 Each restart resumes from the newest checkpoint that verifies. At the end the final checkpoints' model, EMA and
 optimiser tensors are compared; the script exits 0 when they are bit-identical (max abs diff 0).
+
+``--elastic`` runs both as 2 gloo ranks under ``torchrun --max_restarts N`` and SIGKILLs one rank (chosen at
+random) at a time; torchrun stops the other and restarts both, which resume by themselves. When a launch has
+used up its restarts, one more kill ends it (torchrun fails) and the script launches it again, as a user would:
+``--kills 5 --max_restarts 3`` is one launch restarted 3 times then killed, and a second launch killed once.
 """
 
 from __future__ import annotations
@@ -73,26 +79,46 @@ def start(args: list[str], log_file: Path) -> subprocess.Popen:
         )
 
 
+def start_elastic(args: list[str], log_file: Path, max_restarts: int) -> subprocess.Popen:
+    """``torchrun --standalone --nproc_per_node 2 --max_restarts N -m xcit.cli ...`` (a fresh port per launch)."""
+    cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max_restarts", str(max_restarts)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_file, "ab") as f:
+        return subprocess.Popen(
+            [sys.executable, *cmd, "-m", "xcit.cli", *args], stdout=f, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def rank_pids(agent: int) -> dict[int, int]:
+    """``{rank: pid}`` of the torchrun agent's worker processes (read from their environment)."""
+    ranks = {}
+    try:
+        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    except OSError:
+        return ranks
+    for pid in map(int, children):
+        try:
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = pid
+    return ranks
+
+
 def checkpoints(out: Path) -> set[str]:
     return {p.name for p in out.glob("ckpt_e*.pth")}
 
 
 def run_with_kills(args: list[str], out: Path, kills: int, rng: random.Random, log_file: Path) -> list[str]:
-    """Start, wait a random time (start-up, or 1-4 new checkpoints plus part of a step), SIGKILL the process group;
-    repeat. Returns one line per kill."""
+    """Start, wait a random time (:func:`wait_random`), SIGKILL the process group; repeat. Returns one line per
+    kill."""
     events = []
     for k in range(kills):
-        before, t0 = checkpoints(out), time.monotonic()
+        t0 = time.monotonic()
         proc = start(args, log_file)
-        early = rng.random() < 0.2
-        if early:  # during start-up: imports, data scan, loading the checkpoint to resume from
-            time.sleep(rng.uniform(0.0, 3.0))
-        else:
-            want, seen = rng.randint(1, 4), set()
-            while proc.poll() is None and len(seen) < want:  # names accumulate: pruning deletes old ones
-                seen |= checkpoints(out) - before
-                time.sleep(0.002)
-            time.sleep(rng.uniform(0.0, 0.15))  # a random point of the next step: forward, backward, save, prune
+        early = wait_random(proc, out, rng)
         if proc.poll() is not None:
             events.append(f"kill {k + 1}: the run finished before the kill (exit {proc.returncode})")
             break
@@ -103,6 +129,61 @@ def run_with_kills(args: list[str], out: Path, kills: int, rng: random.Random, l
         where = f", mid-write ({partial[0]} left behind)" if partial else (" (early)" if early else "")
         events.append(f"kill {k + 1}: SIGKILL after {time.monotonic() - t0:5.1f} s, newest file {newest}{where}")
     return events
+
+
+def wait_random(proc: subprocess.Popen, out: Path, rng: random.Random, timeout: float = 180) -> bool:
+    """Wait a random time: start-up (one time in five), or 1-4 new checkpoints plus part of a step (at most
+    ``timeout`` seconds: a run that hangs writes none). Returns whether the kill is an early one."""
+    before, t0 = checkpoints(out), time.monotonic()
+    if rng.random() < 0.2:  # imports, data scan, rendezvous, loading the checkpoint to resume from
+        time.sleep(rng.uniform(0.0, 3.0))
+        return True
+    want, seen = rng.randint(1, 4), set()
+    while proc.poll() is None and len(seen) < want and time.monotonic() - t0 < timeout:
+        seen |= checkpoints(out) - before  # names accumulate: pruning deletes old ones
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 0.15))
+    return False
+
+
+def kill_one_rank(agent: subprocess.Popen, rng: random.Random, timeout: float = 120) -> str:
+    """SIGKILL one rank of a torchrun launch, chosen at random, once both ranks run; then wait until torchrun has
+    replaced both ranks or ended. Returns what happened."""
+    t0 = time.monotonic()
+    while len(ranks := rank_pids(agent.pid)) < 2 and agent.poll() is None and time.monotonic() - t0 < timeout:
+        time.sleep(0.01)
+    if agent.poll() is not None or len(ranks) < 2:
+        return f"torchrun ended before the kill (exit {agent.poll()})"
+    rank = rng.randrange(2)
+    os.kill(ranks[rank], signal.SIGKILL)
+    while agent.poll() is None and set(rank_pids(agent.pid).values()) & set(ranks.values()):
+        time.sleep(0.01)  # the agent stops the survivor before it starts the next attempt
+    return f"SIGKILL of rank {rank} (pid {ranks[rank]})"
+
+
+def run_elastic_with_kills(
+    args: list[str], out: Path, kills: int, max_restarts: int, rng: random.Random, log_file: Path
+) -> list[str]:
+    """Launch under torchrun and SIGKILL single ranks ``kills`` times; a launch whose restarts are used up is
+    killed once more (it fails) and launched again. Returns one line per kill; the last launch is left running
+    to the end: the last line is its exit status."""
+    events, left, launch = [], kills, 0
+    while True:
+        launch += 1
+        proc = start_elastic(args, log_file, max_restarts)
+        planned = min(left, max_restarts + 1)
+        for _ in range(planned):
+            early = wait_random(proc, out, rng)
+            what = kill_one_rank(proc, rng)
+            if "SIGKILL" not in what:
+                events.append(f"launch {launch}: {what}")
+                return events
+            left -= 1
+            events.append(f"launch {launch} kill {kills - left}: {what}{' (early)' if early else ''}")
+        code = proc.wait()
+        events.append(f"launch {launch}: torchrun exit {code}")
+        if code == 0 or planned <= max_restarts:  # finished, or failed with restarts to spare
+            return events
 
 
 def max_abs_diff(a: object, b: object, where: str = "") -> dict[str, float]:
@@ -136,6 +217,16 @@ def compare(ref: Path, got: Path) -> dict[str, float]:
     return diffs
 
 
+def interrupted_run(a: argparse.Namespace, args: list[str], out: Path, log_file: Path) -> tuple[list[str], bool]:
+    """The killed-and-resumed run to its end. Returns the kill events and whether it finished."""
+    rng = random.Random(a.seed)
+    if a.elastic:
+        events = run_elastic_with_kills(args, out, a.kills, a.max_restarts, rng, log_file)
+        return events, events[-1].endswith("torchrun exit 0")
+    events = run_with_kills(args, out, a.kills, rng, log_file)
+    return events, start(args, log_file).wait() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=10, help="number of SIGKILLs (default 10)")
@@ -144,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the training runs")
     p.add_argument("--auto_augment", default="randaug-m9-mstd0.5-inc1", help="RandAugment policy of the runs")
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    p.add_argument("--elastic", action="store_true", help="2 gloo ranks under torchrun; kill one rank at a time")
+    p.add_argument("--max_restarts", type=int, default=3, help="torchrun --max_restarts of --elastic (default 3)")
     a = p.parse_args(argv)
 
     from xcit.demo import write_digits
@@ -157,21 +250,24 @@ def main(argv: list[str] | None = None) -> int:
             f.unlink()
 
     t0 = time.monotonic()
-    ref = start(train_args(data, ref_dir, a.epochs, a.workers, a.seed, a.auto_augment), work / "uninterrupted.log")
+    ref_args = train_args(data, ref_dir, a.epochs, a.workers, a.seed, a.auto_augment)
+    ref = (
+        start_elastic(ref_args, work / "uninterrupted.log", 0)
+        if a.elastic
+        else start(ref_args, work / "uninterrupted.log")
+    )
     if ref.wait() != 0:
         print(f"the uninterrupted run failed; see {work / 'uninterrupted.log'}")
         return 2
     print(f"uninterrupted run: {time.monotonic() - t0:.1f} s, {len(checkpoints(ref_dir))} checkpoints kept")
 
-    rng = random.Random(a.seed)
     args = train_args(data, chaos_dir, a.epochs, a.workers, a.seed, a.auto_augment)
     log_file = work / "interrupted.log"
-    events = run_with_kills(args, chaos_dir, a.kills, rng, log_file)
+    events, finished = interrupted_run(a, args, chaos_dir, log_file)
     print("\n".join(events))
     kills = sum("SIGKILL" in e for e in events)
     print(f"{sum('mid-write' in e for e in events)} of {kills} kills hit a checkpoint write")
-    final = start(args, log_file)
-    if final.wait() != 0:
+    if not finished:
         print(f"the last resume failed; see {log_file}")
         return 2
     resumes = re.findall(r"resumed .*", log_file.read_text())

@@ -217,3 +217,24 @@ def test_a_dying_rank_ends_the_other_with_a_clear_error(data, tmp_path):
     assert code == 1, text[-3000:]
     assert "xcit train: error: rank 0 lost contact with another rank" in text, text[-3000:]
     assert "Traceback" not in text and "terminate called" not in text, text[-3000:]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.slow
+def test_two_gloo_ranks_under_torchrun_max_restarts_survive_random_sigkills(data, tmp_path):
+    """Random SIGKILLs of single ranks of a 2-rank gloo run under ``torchrun --max_restarts 1``: the first launch is
+    restarted once, then killed once more (it fails) and launched again with --resume auto, where the third kill
+    is followed by a restart. Restarted ranks must connect to each other, not to the dead attempt's ports."""
+    epochs = 6  # 3 steps per epoch with 2 ranks of batch 8: enough steps for 3 kills
+    ref_out = tmp_path / "uninterrupted"
+    ref = chaos.start_elastic(chaos.train_args(data, ref_out, epochs, 1, 0, AUGMENT), tmp_path / "ref.log", 0)
+    assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    args = chaos.train_args(data, out, epochs, 1, 0, AUGMENT) + ["--dist_timeout", "60"]  # bounds a hung rendezvous
+    events = chaos.run_elastic_with_kills(args, out, 3, 1, random.Random(0), log)
+    text = log.read_text()
+    assert sum("SIGKILL of rank" in e for e in events) == 3, events
+    assert events[-1].endswith("torchrun exit 0") and "launch 2" in events[-1], (events, text[-3000:])
+    assert "torchrun restart 1: " in text and "connectFullMesh failed" not in text
+    name = f"ckpt_e{epochs:04d}.pth"
+    assert_bit_identical(ref_out / name, out / name)

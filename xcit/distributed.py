@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .preemption import elastic_restart_count
+
 log = logging.getLogger("xcit")
 
 
@@ -68,8 +70,21 @@ def init(device_target: str = "auto", distribute: bool = True, timeout_s: float 
         # watchdog needs async error handling for that (the default since torch 2.2; set it for older versions)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        _init_process_group(backend, rank, size, timedelta(seconds=timeout_s))
     return World(rank=rank, local_rank=local_rank, size=size, device=device)
+
+
+def _init_process_group(backend: str, rank: int, size: int, timeout: timedelta) -> None:
+    """``init_process_group`` over the rendezvous store, its keys under a prefix of their own per restart attempt.
+
+    torchrun's agent keeps one store for all attempts of a job (``TORCHELASTIC_USE_AGENT_STORE``). Without a
+    prefix, the ranks of a restarted attempt read the addresses that the previous attempt's ranks published there
+    and the gloo mesh fails ("connectFullMesh failed ... Connection refused" to a dead port) or hangs. The prefix
+    per ``TORCHELASTIC_RESTART_COUNT`` is what torch's own dynamic rendezvous does per round.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=size, timeout=timeout))
+    store = dist.PrefixStore(f"xcit/attempt{elastic_restart_count()}/", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size, timeout=timeout)
 
 
 def is_main() -> bool:
