@@ -180,3 +180,59 @@ def test_tensorboard_missing_is_one_notice(tmp_path, caplog, monkeypatch):
     assert [r.message for r in caplog.records if "tensorboard" in r.message] == [
         "tensorboard: not installed, no event files (pip install -e '.[tensorboard]'; tensorboard: False silences this)"
     ]
+
+
+def _digit_png(tmp_path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "digit.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_underscore_and_dash_spellings_work_in_every_command(weights, tmp_path, capsys):
+    _, src = weights
+    img, w = str(_digit_png(tmp_path)), ["--pretrained", str(src), "--model", NAME]
+    assert main(["predict", img, *w, "--batch_size", "2", "--img_size", "32", "--json"]) == 0
+    assert main(["predict", img, *w, "--batch-size", "2", "--img-size", "32", "--json"]) == 0
+    out, attn = str(tmp_path / "m.pt"), str(tmp_path / "attn")
+    assert main(["export", *w, "--format", "torchscript", "--out", out, "--img_size", "32", "--dynamic_batch"]) == 0
+    assert main(["attention", img, *w, "--out", attn, "--channel_blocks", "0", "--img_size", "32"]) == 0
+    assert (tmp_path / "attn" / "xca_block0.png").is_file()
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors"), "--to", "timm"]) == 0
+    assert main(["models", "nano", "--json"]) == 0
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_train_help_is_grouped_typed_and_clean(capsys):
+    text = _help(["train", "--help"], capsys)
+    for group in ("data", "model", "augmentation", "optimiser", "schedule", "checkpoints and EMA", "distributed",
+                  "precision"):  # fmt: skip
+        assert f"\n{group}" in text and " options:\n" in text, group
+    assert " V " not in text and " V\n" not in text  # no bare metavar: types and choices instead
+    assert "--batch_size INT" in text and "--opt {adamw,adam," in text and "--scale FLOAT,FLOAT" in text
+    assert "57.12," in text and "57.120000000000005" not in text
+    assert "- or _" in text
+
+
+def test_validate_help_lists_only_what_validate_reads(capsys, tmp_path):
+    text = _help(["validate", "--help"], capsys)
+    assert "--ckpt_path" in text and "--val_split" in text and "--crop_pct" in text
+    for key in ("--opt ", "--mixup ", "--lr ", "--warmup_epochs", "--epoch_size", "--auto_augment"):
+        assert key not in text, key
+    from xcit.config import load_config
+
+    assert load_config(["--opt", "sgd"], prog="xcit validate", keys=frozenset())[0].opt == "sgd"  # still accepted
+
+
+def test_predict_help_and_version(capsys):
+    text = _help(["predict", "--help"], capsys)
+    assert "image files and folders" in text and "classes to print per image" in text
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"xcit {xcit.__version__}"

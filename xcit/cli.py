@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: xcit <command> [options]", "", "commands:"]
+    lines = ["usage: xcit <command> [options]   (xcit --version)", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `xcit <command> --help` for a command's options."]
     return "\n".join(lines)
@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"xcit {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -527,22 +527,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """``-c/--config`` plus one ``--key value`` option per config key (``--key`` alone sets a boolean True)."""
-    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+def build_parser(prog: str, description: str, keys: frozenset | None = None) -> argparse.ArgumentParser:
+    """``-c/--config`` plus one ``--key value`` option per config key (``--key`` alone sets a boolean True), grouped
+    in the help; ``keys`` limits the help to what a command uses (every key is still accepted)."""
+    from .options import Parser, add_config_options
+
+    p = Parser(prog=prog, description=description, usage="%(prog)s [-c CONFIG] [--key VALUE ...]")
     p.add_argument("-c", "--config", default="", help="YAML recipe (MindCV keys); flags override it")
-    for f in fields(TrainConfig):
-        is_bool = _TYPES[f.name] is bool
-        default = _DEFAULTS[f.name]
-        p.add_argument(
-            f"--{f.name}",
-            dest=f.name,
-            default=argparse.SUPPRESS,
-            nargs="?" if is_bool else None,
-            const="True" if is_bool else None,
-            metavar="BOOL" if is_bool else "V",
-            help=f"{f.metadata['help']} (default: {_plain(default)!r})".replace("%", "%%"),
-        )
+    add_config_options(p, fields(TrainConfig), _TYPES, _DEFAULTS, _CHOICES, keys)
     return p
 
 
@@ -551,12 +543,13 @@ def load_config(
     prog: str = "xcit train",
     base: dict[str, Any] | None = None,
     description: str | None = None,
+    keys: frozenset | None = None,
 ) -> tuple[TrainConfig, set[str]]:
     """Defaults <- ``base`` <- YAML (``-c``) <- flags. Returns the checked config and the keys set explicitly.
 
     ``base`` holds defaults of a built-in recipe (the demo) that a YAML and flags still override.
     """
-    parser = build_parser(prog, description or __doc__.split("\n\n")[0])
+    parser = build_parser(prog, description or __doc__.split("\n\n")[0], keys)
     args, unknown = parser.parse_known_args(argv)
     dashed = _dashed_flags(unknown)  # --data-dir X spellings; anything else left over is an error
     values = dict(_DEFAULTS)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..imageio import load_rgb
+from ..options import Parser
 from ..predict import class_names, eval_preprocessing, load_model
 from ..visualize import display_scale, save_channel_maps, save_overlays
 from ._args import add_weights_arguments
@@ -18,13 +19,13 @@ log = logging.getLogger("xcit")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="xcit attention",
         description="Write the class-attention map of every head (and their mean) as PNG overlays on the image, at "
         "the image's own resolution. XCA's cost is linear in the number of patches, so the model can run on the "
         "image at (nearly) native size for sharper maps.",
     )
-    p.add_argument("image")
+    p.add_argument("image", help="an image file")
     add_weights_arguments(p, "weights file or save_pretrained folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(

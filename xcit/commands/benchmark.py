@@ -24,14 +24,13 @@ from pathlib import Path
 import torch
 
 from .. import benchmark as B
+from ..options import Parser
 
 log = logging.getLogger("xcit")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="xcit benchmark", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = Parser(prog="xcit benchmark", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="variant name (default xcit_tiny_12_p16_224, or the checkpoint's)")
     p.add_argument("--pretrained", default=None, help="weights to load (speed does not depend on them)")
     p.add_argument("--batch", type=int, default=16)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
+from ..options import Parser
 from ..weights import FORMATS, convert
 
 log = logging.getLogger("xcit")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="xcit convert",
         description="Convert XCiT weights. The source format is detected; the target follows DST's extension "
         "(.safetensors -> safetensors, .ckpt -> MindSpore, otherwise timm-layout .pth) unless --to is given.",

@@ -20,6 +20,7 @@ from ..export import (
     verify,
 )
 from ..hub import export_timm, save_pretrained
+from ..options import Parser
 from ..predict import class_names, eval_preprocessing, load_model
 from ._args import add_weights_arguments
 
@@ -27,7 +28,7 @@ log = logging.getLogger("xcit")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="xcit export",
         description="Export to ONNX (checked with onnxruntime), TorchScript (traced), a torch.export program "
         "(.pt2), a hub-style folder or a timm checkpoint. The exported file is run on the example input, and on "

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 from ..model import XCiT
+from ..options import Parser
 from ..variants import VARIANTS, gmacs, official_top1
 
 
@@ -32,7 +32,7 @@ def model_table(pattern: str = "") -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="xcit models", description=__doc__)
+    p = Parser(prog="xcit models", description=__doc__)
     p.add_argument("pattern", nargs="?", default="", help="only names containing this substring")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..options import Parser
 from ..precision import PRECISIONS
 from ..predict import class_names, eval_preprocessing, eval_transform, find_images, load_model, predict
 from ._args import add_weights_arguments
@@ -18,16 +19,16 @@ log = logging.getLogger("xcit")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="xcit predict",
         description="Top-k predictions for image files and folders (searched recursively). Images are resized and "
         "centre-cropped exactly as `xcit validate` does (the settings recorded in a training checkpoint, else the "
         "model's defaults). Unreadable files are reported and skipped.",
     )
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders (searched recursively)")
     add_weights_arguments(p, "weights file (any supported format) or save_pretrained folder")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--img-size", type=int, help="evaluation resolution (default: the checkpoint's / model's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
     p.add_argument(

@@ -7,13 +7,15 @@ import sys
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, load_config
+from ..options import VALIDATE_KEYS
 from ..weights import WeightsError
 
 log = logging.getLogger("xcit")
 
 DESCRIPTION = (
     "Validate a checkpoint (any supported format; EMA weights when present) on data_dir/val_split. Takes the "
-    "same -c YAML and --key value flags as train. Runs under torchrun too; metrics are exact over all ranks."
+    "same -c YAML and --key value flags as train (listed below: the keys validation reads; the others are "
+    "accepted and have no effect). Runs under torchrun too; metrics are exact over all ranks."
 )
 
 
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, explicit = load_config(argv, prog="xcit validate", description=DESCRIPTION)
+        cfg, explicit = load_config(argv, prog="xcit validate", description=DESCRIPTION, keys=VALIDATE_KEYS)
         if not cfg.data_dir:
             raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset")
         validate(cfg, explicit)
