@@ -143,3 +143,38 @@ def test_imagenet_names_and_bad_files(digits, tmp_path, capsys):
     assert predict_cmd.main([str(folder / "0.png"), "--pretrained", str(tmp_path / "m"), "--topk", "1"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(str(folder / "0.png") + ": ") and line.split(": ", 1)[1].split(" (")[0] in names
+
+
+class _Reads:
+    """Counts the real ``torch.load`` calls and ``open`` calls of one file (the real functions run)."""
+
+    def __init__(self, monkeypatch, path: Path):
+        import builtins
+
+        self.path, self.loads, self.opens = Path(path).resolve(), 0, 0
+        real_load, real_open = torch.load, builtins.open
+
+        def load(f, *args, **kwargs):
+            self.loads += 1
+            return real_load(f, *args, **kwargs)
+
+        def open_(file, *args, **kwargs):
+            if isinstance(file, (str, Path)) and Path(file).resolve() == self.path:
+                self.opens += 1
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "load", load)
+        monkeypatch.setattr(builtins, "open", open_)
+
+
+def test_a_training_checkpoint_is_read_once_per_command(checkpoint, digits, capsys, monkeypatch):
+    """predict and validate open a training checkpoint once and torch.load it once (its checksum checked on the
+    way), instead of once for the metadata, once for the checksum and once for the weights."""
+    evaluate = pytest.importorskip("xcit.evaluate")
+    path, cfg, _, _ = checkpoint
+    reads = _Reads(monkeypatch, path)
+    _predict_json([str(digits / "val"), "--pretrained", str(path)], capsys)
+    assert (reads.loads, reads.opens) == (1, 1)
+    reads.loads = reads.opens = 0
+    evaluate.validate(replace(cfg, ckpt_path=str(path)))
+    assert (reads.loads, reads.opens) == (1, 1)

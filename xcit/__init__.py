@@ -1,7 +1,7 @@
 """xcit: train, validate and use XCiT (Cross-Covariance Image Transformers) in PyTorch."""
 
 from .backbone import XCiTBackbone
-from .hub import from_pretrained
+from .loading import from_pretrained, load_model
 from .model import XCiT, XCiTConfig, XCiTPyramid
 from .variants import VARIANTS, create_model, get_config, list_models
 from .weights import WeightsError, convert, load_weights, read_weights, save_safetensors
@@ -20,6 +20,7 @@ __all__ = [
     "from_pretrained",
     "get_config",
     "list_models",
+    "load_model",
     "load_weights",
     "read_weights",
     "save_safetensors",

@@ -82,16 +82,62 @@ def verify_checkpoint(path: str | os.PathLike) -> bool | None:
     Returns ``True`` when the stored digest matches the bytes, ``False`` when it does not, and ``None`` when the
     file has no checksum comment at all (written by plain ``torch.save``, or truncated).
     """
+    with open(path, "rb") as f:
+        return _seal_state(f)
+
+
+def _seal_state(f) -> bool | None:
+    """:func:`verify_checkpoint` on an open binary file (left at an arbitrary position)."""
+    size = f.seek(0, os.SEEK_END)
+    if size < 22 + _COMMENT_LEN:
+        return None
+    f.seek(size - _COMMENT_LEN - 2)
+    tail = f.read(_COMMENT_LEN + 2)
+    if tail[2 : 2 + len(_TAG)] != _TAG or struct.unpack("<H", tail[:2])[0] != _COMMENT_LEN:
+        return None
+    return _digest(f, size - _COMMENT_LEN - 2) == tail[2 + len(_TAG) :].decode("ascii", "replace")
+
+
+SUPPORTED = (
+    "PyTorch .pth/.pt (zip or legacy pickle, tensors only), .safetensors, MindSpore .ckpt, or a save_pretrained folder"
+)
+
+
+def load_torch_file(path: str | os.PathLike, require_seal: bool = False) -> tuple[object, bool | None]:
+    """Read a ``.pth`` file once: its checksum (when it has one) is checked and its contents are loaded with
+    ``torch.load(weights_only=True)`` from the same open file. Returns ``(object, sealed)``, ``sealed`` as in
+    :func:`verify_checkpoint`. Raises :class:`CheckpointError` for a checksum mismatch (or no checksum, with
+    ``require_seal``) and :class:`WeightsError`, naming the file, for anything that is not a readable tensors-only
+    PyTorch file."""
     path = Path(path)
     with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size < 22 + _COMMENT_LEN:
-            return None
-        f.seek(size - _COMMENT_LEN - 2)
-        tail = f.read(_COMMENT_LEN + 2)
-        if tail[2 : 2 + len(_TAG)] != _TAG or struct.unpack("<H", tail[:2])[0] != _COMMENT_LEN:
-            return None
-        return _digest(f, size - _COMMENT_LEN - 2) == tail[2 + len(_TAG) :].decode("ascii", "replace")
+        head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # neither torch's zip nor a pickle
+            raise WeightsError(f"{path}: not a weight file of any supported format ({SUPPORTED})")
+        sealed = _seal_state(f)
+        if sealed is False:
+            raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt (changed after it was written)")
+        if sealed is None and require_seal:
+            raise CheckpointError(f"{path}: no checksum; the file is truncated or was not written by save_checkpoint")
+        f.seek(0)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True), sealed
+        except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all become one clear error
+            raise _load_error(path, e) from None
+
+
+def _load_error(path: Path, e: Exception) -> WeightsError:
+    text = str(e)
+    if "Weights only load failed" in text or "Unsupported global" in text or "UnpicklingError" in type(e).__name__:
+        return WeightsError(
+            f"{path}: refused to load. The file contains Python objects beyond tensors and plain containers, "
+            f"which could run code when unpickled (loaded with weights_only=True). If you trust it, re-save its "
+            f"state_dict with torch.save(model.state_dict(), ...)."
+        )
+    if "central directory" in text or "file_size" in text:  # torch's zip reader on a cut-off file
+        return WeightsError(f"{path}: not a readable PyTorch file (truncated or corrupt zip archive)")
+    first = (text.splitlines() or [""])[0][:200]
+    return WeightsError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {first})")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -176,17 +222,14 @@ def load_checkpoint(path: str | os.PathLike, require_checksum: bool = False) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ok = verify_checkpoint(path)
-    if ok is False:
-        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt (changed after it was written)")
-    if ok is None:
-        if require_checksum:
-            raise CheckpointError(f"{path}: no checksum; the file is truncated or was not written by save_checkpoint")
-        log.warning("%s has no checksum (not written by xcit); loading it unverified", path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all become one clear error
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        obj, sealed = load_torch_file(path, require_seal=require_checksum)
+    except CheckpointError:
+        raise
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    if sealed is None:
+        log.warning("%s has no checksum (not written by xcit); loading it unverified", path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj

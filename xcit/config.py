@@ -445,8 +445,7 @@ def check_training(cfg: TrainConfig) -> None:
 
 
 def _check_model(cfg: TrainConfig) -> None:
-    from .model import XCiTConfig
-    from .variants import get_config
+    from .arch import XCiTConfig, get_config
 
     try:
         get_config(cfg.model)

@@ -27,11 +27,11 @@ def build_teacher(name: str, path: str, num_classes: int, device: torch.device) 
     """The frozen teacher, with weights from ``path``: an XCiT variant of this package (any weight file it reads;
     a training checkpoint rebuilds its recorded architecture and gives its EMA weights, as ``xcit validate``), or
     any timm model."""
-    from .predict import load_model
+    from .loading import load_model
     from .variants import VARIANTS
 
     if name in VARIANTS:
-        teacher = load_model(name, path)
+        teacher = load_model(path, name)
         if teacher.num_classes != num_classes:
             raise ValueError(f"teacher {path} has {teacher.num_classes} classes, the student {num_classes}")
     else:

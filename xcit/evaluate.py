@@ -88,33 +88,24 @@ def model_for_eval(
     path: str | Path, cfg, device: torch.device, use_ema: bool = True
 ) -> tuple[nn.Module, list[str] | None, dict]:
     """The model stored at ``path`` (EMA weights when it has them and ``use_ema``), its class names if recorded, and the
-    training config recorded with it (empty for files not written by ``xcit train``).
+    training config recorded with it (empty for files not written by ``xcit train``), from one read of the file.
 
     A checkpoint written by ``xcit train`` rebuilds its own architecture (overrides included); any other weight
     file (official, timm, MindCV, safetensors) is loaded into ``cfg.model`` with ``cfg.model_overrides``. A
     missing or unreadable file raises: validating random weights is never an option.
     """
-    from .checkpoint import load_checkpoint, verify_checkpoint
-    from .model import XCiT, XCiTConfig
-    from .variants import create_model
-    from .weights import load_state_dict_checked
+    from .loading import model_from_weights
+    from .weights import read_weights
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path {str(path)!r} does not exist (refusing to validate untrained weights)")
-    if path.suffix == ".pth" and verify_checkpoint(path):  # sealed by xcit train: the full training state
-        ckpt = load_checkpoint(path)
-        if ckpt.get("model_config") and isinstance(ckpt.get("model"), dict):
-            if ckpt.get("arch") != cfg.model:
-                log.info("%s holds %s; validating that (config says %s)", path, ckpt.get("arch"), cfg.model)
-            model = XCiT(XCiTConfig(**ckpt["model_config"]), name=ckpt.get("arch"))
-            use_ema = use_ema and isinstance(ckpt.get("ema"), dict)
-            load_state_dict_checked(model, ckpt["ema"] if use_ema else ckpt["model"], strict=True, source=path)
-            log.info("%s: %s weights from epoch %s", path, "EMA" if use_ema else "model", ckpt.get("epoch"))
-            recorded = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-            return model.to(device).eval(), ckpt.get("classes"), recorded
-    model = create_model(cfg.model, pretrained=path, use_ema=cfg.ema, **cfg.model_overrides)
-    return model.to(device).eval(), model.class_names, {}
+    w = read_weights(path, use_ema=None if use_ema else False)
+    if w.model_config:  # written by xcit train: the recorded architecture, whatever the config says
+        model = model_from_weights(w, cfg.model)
+    else:
+        model = model_from_weights(w, cfg.model, trust_name=True, **cfg.model_overrides)
+    return model.to(device).eval(), model.class_names, w.config
 
 
 # the evaluation transform's keys: a training checkpoint's values apply unless the YAML or a flag sets them

@@ -123,7 +123,7 @@ def load_exported(
     """A function running an exported file with its own runtime (onnxruntime, torch.jit, torch.export, timm, or
     :func:`xcit.from_pretrained` for a hub folder). ``timm`` needs the source ``model`` for its architecture."""
     if fmt == "hub":
-        from .hub import from_pretrained
+        from .loading import from_pretrained
 
         loaded = from_pretrained(path)
         return lambda x: loaded(x).detach()

@@ -5,7 +5,7 @@ the official release (github.com/facebookresearch/xcit). The parameter layout fo
 state dicts load directly; official and MindCV files are converted in :mod:`xcit.weights`.
 
 The file reads in the order the network runs: patch embedding, Fourier positional encoding, XCA, LPI, the XCA
-block, class attention, then the model. Variants live in :mod:`xcit.variants`.
+block, class attention, then the model. The architecture record and the variants live in :mod:`xcit.arch`.
 
 Two numerics flavours exist:
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -27,38 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fused
-
-FLAVOURS: tuple[str, ...] = ("official", "mindcv")
-
-
-@dataclass(frozen=True)
-class XCiTConfig:
-    """Architecture of one XCiT model. Variants are instances of this (see :mod:`xcit.variants`)."""
-
-    embed_dim: int = 192
-    depth: int = 12
-    num_heads: int = 4
-    patch_size: int = 16
-    img_size: int = 224  # default (training) resolution; any multiple of patch_size runs
-    mlp_ratio: float = 4.0
-    eta: float = 1.0  # LayerScale init: 1.0 for depth 12, 1e-5 for depth 24 (paper sec. 4.1)
-    tokens_norm: bool = True  # False only for nano
-    cls_attn_layers: int = 2
-    num_classes: int = 1000
-    in_chans: int = 3
-    drop_rate: float = 0.0  # dropout before the head
-    drop_path_rate: float = 0.0  # constant across blocks, not a linear ramp (official xcit.py)
-    flavour: str = "official"
-
-    def __post_init__(self) -> None:
-        if self.patch_size not in (8, 16):
-            raise ValueError(f"patch_size must be 8 or 16 (conv patch embedding), got {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.embed_dim % 8:
-            raise ValueError(f"embed_dim must be a multiple of 8 for the conv patch embedding, got {self.embed_dim}")
-        if self.flavour not in FLAVOURS:
-            raise ValueError(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
+from .arch import XCiTConfig
 
 
 @contextlib.contextmanager

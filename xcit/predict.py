@@ -34,112 +34,36 @@ log = logging.getLogger("xcit")
 def load_model(
     name: str | None, pretrained: str | os.PathLike | None, use_ema: bool | None = None, **overrides
 ) -> XCiT:
-    """Build ``name`` with ``pretrained`` weights (any supported file, or a ``save_pretrained`` folder).
+    """Build ``name`` with ``pretrained`` weights (any supported file, or a ``save_pretrained`` folder), in eval mode.
 
     Without ``name`` the architecture recorded in the weights (training checkpoints, our safetensors, hub
     folders) is used. A training checkpoint rebuilds its recorded architecture (``model_config``, overrides
     included); other files take what their shapes pin down (width, depth, heads, patch). ``use_ema=None`` takes
     a checkpoint's EMA weights when it has them, as ``xcit validate`` does. Without ``pretrained`` the weights
-    are random (logged as a warning).
+    are random (logged as a warning). See :func:`xcit.loading.load_model`.
     """
-    from .hub import from_pretrained
-    from .variants import create_model, get_config
-    from .weights import load_state_dict_checked, read_weights
+    from .loading import load_model as load
+    from .variants import create_model
 
-    if pretrained is not None and Path(pretrained).is_dir():
-        model = from_pretrained(pretrained, **overrides)
-        if name and name != model.name:
-            raise ValueError(f"--model {name} does not match the folder's architecture {model.name}")
-        return model.eval()
     if pretrained is None:
         if name is None:
             raise ValueError("give --model NAME (and --pretrained PATH for trained weights)")
         log.warning("no --pretrained weights: %s is randomly initialised", name)
         return create_model(name, **overrides).eval()
-    ckpt = checkpoint_meta(Path(pretrained))
-    w = read_weights(pretrained, use_ema=ckpt["has_ema"] if use_ema is None else use_ema)
-    name = name or w.arch
-    if name is None:
-        raise ValueError(f"{pretrained} does not record its architecture: pass --model NAME")
-    recorded = {k: v for k, v in ckpt["model_config"].items() if k not in ("num_classes", "drop_path_rate")}
-    arch = {**shape_overrides(w.state_dict, get_config(name)), **recorded, **overrides}
-    arch.setdefault("flavour", w.flavour)
-    model = create_model(name, num_classes=w.num_classes or 1000, **arch)
-    load_state_dict_checked(model, w.state_dict, source=pretrained)
-    classes = w.extra.get("classes")
-    model.class_names = list(classes) if classes else None
-    return model.eval()
+    return load(pretrained, name, use_ema=use_ema, **overrides)
 
 
-def shape_overrides(sd: dict[str, torch.Tensor], cfg) -> dict:
-    """The :class:`xcit.XCiTConfig` fields a state dict's shapes pin down, where they differ from ``cfg``."""
-    try:
-        found = {
-            "embed_dim": sd["cls_token"].shape[-1],
-            "depth": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
-            "num_heads": sd["blocks.0.attn.temperature"].shape[0],
-            "patch_size": 16 if "patch_embed.proj.6.0.weight" in sd else 8,
-            "cls_attn_layers": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("cls_attn_blocks.")),
-            "in_chans": sd["patch_embed.proj.0.0.weight"].shape[1],
-        }
-        found["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / found["embed_dim"]
-    except (KeyError, ValueError):
-        return {}  # not an XCiT state dict: let the loader report what is wrong
-    return {k: type(getattr(cfg, k))(v) for k, v in found.items() if v != getattr(cfg, k)}
-
-
-def checkpoint_meta(path: Path) -> dict:
-    """What ``xcit train`` records in a checkpoint besides weights: ``config`` (the resolved training config),
-    ``model_config`` (the architecture) and whether it holds EMA weights. Empty entries for other files."""
-    meta = {"config": {}, "model_config": {}, "has_ema": False}
-    if path.suffix not in (".pth", ".pt", ".bin") or not path.is_file():
-        return meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors are not read
-    except Exception:  # noqa: BLE001 - not a torch zip file; the weights reader reports real problems
-        return meta
-    if isinstance(obj, dict):
-        for key in ("config", "model_config"):
-            meta[key] = obj[key] if isinstance(obj.get(key), dict) else {}
-        meta["has_ema"] = any(isinstance(obj.get(k), dict) and obj[k] for k in ("ema", "model_ema", "state_dict_ema"))
-    return meta
-
-
-def eval_preprocessing(model: XCiT, pretrained: str | os.PathLike | None = None, img_size: int | None = None) -> dict:
+def eval_preprocessing(model: XCiT, img_size: int | None = None) -> dict:
     """The evaluation preprocessing for ``model``: ``input_size``, ``interpolation``, ``crop_pct``, ``mean``,
-    ``std``. A hub folder's ``pretrained_cfg`` and a training checkpoint's recorded config take precedence over
-    the defaults of :func:`xcit.hub.default_pretrained_cfg`; ``img_size`` overrides the resolution."""
+    ``std``. What the model's weight file recorded (a hub folder's ``pretrained_cfg``, a training checkpoint's
+    config) takes precedence over the defaults of :func:`xcit.hub.default_pretrained_cfg`; ``img_size`` overrides
+    the resolution."""
     from .hub import default_pretrained_cfg
 
-    cfg = default_pretrained_cfg(model)
-    if pretrained is not None and Path(pretrained).is_dir():
-        import json
-
-        cfg.update(json.loads((Path(pretrained) / "config.json").read_text()).get("pretrained_cfg", {}))
-    elif pretrained is not None:
-        cfg.update(_checkpoint_preprocessing(Path(pretrained)))
+    cfg = dict(getattr(model, "pretrained_cfg", None) or default_pretrained_cfg(model))
     if img_size:
         cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
     return cfg
-
-
-def _checkpoint_preprocessing(path: Path) -> dict:
-    """Preprocessing recorded by ``xcit train`` in a checkpoint's config (empty for other files)."""
-    conf = checkpoint_meta(path)["config"]
-    if not conf:
-        return {}
-    from .config import TrainConfig
-
-    tc = TrainConfig(**{k: v for k, v in conf.items() if k in TrainConfig.__dataclass_fields__})
-    mean, std = tc.norm_mean_std
-    size = int(tc.image_resize)
-    return {
-        "input_size": (3, size, size),
-        "interpolation": tc.interpolation,
-        "crop_pct": float(tc.crop_pct),
-        "mean": mean,
-        "std": std,
-    }
 
 
 def eval_transform(preprocessing: dict) -> Callable:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .arch import VARIANTS
+from .checkpoint import SUPPORTED, load_torch_file  # noqa: F401 - SUPPORTED: the formats, for messages
 from .errors import WeightsError
 from .fileio import atomic_write
 
@@ -37,7 +39,13 @@ class Weights:
     source_format: str  # "official" | "timm" | "mindcv" | "xcit"
     flavour: str = "official"
     arch: str | None = None
-    extra: dict = field(default_factory=dict)  # e.g. class names from a training checkpoint
+    extra: dict = field(default_factory=dict)  # the wrapper's plain fields, e.g. epoch and class names
+    config: dict = field(default_factory=dict)  # the training config an ``xcit train`` checkpoint records
+    model_config: dict = field(default_factory=dict)  # the XCiTConfig fields it records (overrides included)
+    has_ema: bool = False  # the file also holds EMA weights
+    used_ema: bool = False  # ``state_dict`` is the EMA copy
+    sealed: bool | None = None  # a verified ``xcit train`` checksum (True), or none (None); a mismatch raises
+    source: object = "state dict"  # the file, for messages
 
     @property
     def num_classes(self) -> int | None:
@@ -99,25 +107,30 @@ def detect_layout(sd: dict[str, torch.Tensor]) -> str:
     return "timm"
 
 
+def arch_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
+    """The :class:`xcit.XCiTConfig` fields that a timm-layout state dict's shapes pin down (empty if it is not an
+    XCiT state dict): width, depth, heads, patch size, class-attention layers, input channels, MLP ratio."""
+    try:
+        found = {
+            "embed_dim": int(sd["cls_token"].shape[-1]),
+            "depth": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+            "num_heads": int(sd["blocks.0.attn.temperature"].shape[0]),
+            "patch_size": 16 if "patch_embed.proj.6.0.weight" in sd else 8,
+            "cls_attn_layers": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("cls_attn_blocks.")),
+            "in_chans": int(sd["patch_embed.proj.0.0.weight"].shape[1]),
+        }
+        found["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / found["embed_dim"]
+    except (KeyError, ValueError):
+        return {}
+    return found
+
+
 def infer_arch(sd: dict[str, torch.Tensor], img_size: int = 224) -> str | None:
     """The variant name whose shapes fit a state dict (resolution cannot be read from weights: 224 by default)."""
-    from .variants import VARIANTS
-
-    try:
-        D = sd["cls_token"].shape[-1]
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        heads = sd["blocks.0.attn.temperature"].shape[0]
-        patch = 16 if "patch_embed.proj.6.0.weight" in sd else 8
-    except (KeyError, ValueError):
-        return None
+    found = arch_from_state_dict(sd)
+    keys = ("embed_dim", "depth", "num_heads", "patch_size")
     for name, cfg in VARIANTS.items():
-        if (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size, cfg.img_size) == (
-            D,
-            depth,
-            heads,
-            patch,
-            img_size,
-        ):
+        if found and all(getattr(cfg, k) == found[k] for k in keys) and cfg.img_size == img_size:
             return name
     return None
 
@@ -125,33 +138,6 @@ def infer_arch(sd: dict[str, torch.Tensor], img_size: int = 224) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading files
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-SUPPORTED = (
-    "PyTorch .pth/.pt (zip or legacy pickle, tensors only), .safetensors, MindSpore .ckpt, or a save_pretrained folder"
-)
-
-
-def _torch_load(path: Path) -> object:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # neither torch's zip nor a pickle
-        raise WeightsError(f"{path}: not a weight file of any supported format ({SUPPORTED})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all become one clear error
-        text = str(e)
-        if "Weights only load failed" in text or "Unsupported global" in text or "UnpicklingError" in type(e).__name__:
-            raise WeightsError(
-                f"{path}: refused to load. The file contains Python objects beyond tensors and plain containers, "
-                f"which could run code when unpickled (loaded with weights_only=True). If you trust it, re-save its "
-                f"state_dict with torch.save(model.state_dict(), ...)."
-            ) from None
-        if "central directory" in text or "file_size" in text:  # torch's zip reader on a cut-off file
-            raise WeightsError(f"{path}: not a readable PyTorch file (truncated or corrupt zip archive)") from None
-        raise WeightsError(
-            f"{path}: not a readable PyTorch file ({type(e).__name__}: {(text.splitlines() or [''])[0][:200]})"
-        ) from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -166,45 +152,63 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _is_mindspore_ckpt(path: Path) -> bool:
+    if path.suffix != ".ckpt":
+        return False
     with open(path, "rb") as f:
         head = f.read(4)
     # torch zip archives start with PK, pickles with 0x80; MindSpore's protobuf starts with field 1, wire type 2
-    return path.suffix == ".ckpt" and not head.startswith(b"PK") and head[:1] != b"\x80"
+    return not head.startswith(b"PK") and head[:1] != b"\x80"
 
 
-def _unwrap(obj: object, path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """Find the state dict inside a loaded .pth object; return it and the wrapper's other fields."""
+_EMA_KEYS = ("ema", "model_ema", "state_dict_ema")  # this project's, timm's and the official ModelEma's
+
+
+def _unwrap(obj: object, path: Path, use_ema: bool | None) -> tuple[dict[str, torch.Tensor], dict, bool]:
+    """Find the state dict inside a loaded .pth object; return it, the wrapper's plain fields and whether it is
+    the EMA copy. ``use_ema``: True takes the EMA copy (warning when there is none), None takes it when present."""
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     extra = {k: v for k, v in obj.items() if not isinstance(v, (dict, torch.Tensor))}
-    if use_ema:
-        for key in ("ema", "model_ema", "state_dict_ema"):
+    if use_ema is not False:
+        for key in _EMA_KEYS:
             if isinstance(obj.get(key), dict) and obj[key]:
-                return obj[key], extra
-        log.warning("%s has no EMA weights; using the model weights", path)
+                return obj[key], extra, True
+        if use_ema:
+            log.warning("%s has no EMA weights; using the model weights", path)
     for key in ("model", "state_dict", "module"):
         if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
-            if "classes" in obj:
-                extra["classes"] = obj["classes"]
-            return obj[key], extra
+            return obj[key], extra, False
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, {}
+        return obj, {}, False
     raise WeightsError(f"{path}: no state dict found (top-level keys: {sorted(obj)[:10]})")
 
 
-def read_weights(path: str | os.PathLike, use_ema: bool = False) -> Weights:
-    """Read any supported weight file into this project's layout. Raises :class:`WeightsError` naming the file."""
-    path = Path(path)
+def _timm_layout(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    sd = strip_prefixes(sd)
+    layout = detect_layout(sd)
+    return (official_to_timm(sd) if layout == "official" else sd), layout
+
+
+def read_weights(path: str | os.PathLike, use_ema: bool | None = False) -> Weights:
+    """Read any supported weight file, once, into this project's layout, with what the file records about itself
+    (architecture, flavour, classes, the training config and architecture of an ``xcit train`` checkpoint).
+
+    ``use_ema``: False the model weights, True the EMA copy, None the EMA copy when the file has one. A training
+    checkpoint's checksum is checked while it is read. Raises :class:`WeightsError` naming the file.
+    """
+    w = _read(Path(path), use_ema)
+    w.source = path
+    return w
+
+
+def _read(path: Path, use_ema: bool | None) -> Weights:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: file is empty")
     if path.suffix == ".safetensors":
         sd, meta = _read_safetensors(path)
-        sd = strip_prefixes(sd)
-        layout = detect_layout(sd)
-        if layout == "official":
-            sd = official_to_timm(sd)
+        sd, layout = _timm_layout(sd)
         extra = {"classes": json.loads(meta["classes"])} if "classes" in meta else {}
         fmt = "xcit" if meta.get("format") == "xcit" else layout
         return Weights(sd, fmt, meta.get("flavour", "official"), meta.get("arch"), extra)
@@ -212,25 +216,21 @@ def read_weights(path: str | os.PathLike, use_ema: bool = False) -> Weights:
         from .mindspore_ckpt import mindcv_to_timm, read_mindspore_ckpt
 
         try:
-            sd = mindcv_to_timm(read_mindspore_ckpt(path), use_ema=use_ema)
+            sd = mindcv_to_timm(read_mindspore_ckpt(path), use_ema=bool(use_ema))
         except WeightsError:
             raise
         except (ValueError, KeyError) as e:
             raise WeightsError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-        return Weights(sd, "mindcv", "mindcv")
-    from .checkpoint import verify_checkpoint  # training checkpoints carry a SHA-256; check it when present
-
-    if verify_checkpoint(path) is False:
-        raise WeightsError(f"{path}: checksum mismatch, the file is corrupt (changed after it was written)")
-    obj = _torch_load(path)
-    sd, extra = _unwrap(obj, path, use_ema)
-    sd = strip_prefixes(sd)
-    layout = detect_layout(sd)
-    if layout == "official":
-        sd = official_to_timm(sd)
+        return Weights(sd, "mindcv", "mindcv", used_ema=bool(use_ema))
+    obj, sealed = load_torch_file(path)
+    sd, extra, used_ema = _unwrap(obj, path, use_ema)
+    sd, layout = _timm_layout(sd)
     flavour = extra.get("flavour", "official") if isinstance(extra.get("flavour"), str) else "official"
     fmt = "xcit" if "arch" in extra else layout
-    return Weights(sd, fmt, flavour, extra.get("arch") if isinstance(extra.get("arch"), str) else None, extra)
+    arch = extra.get("arch") if isinstance(extra.get("arch"), str) else None
+    recorded = {k: obj[k] if isinstance(obj.get(k), dict) else {} for k in ("config", "model_config")}
+    has_ema = any(isinstance(obj.get(k), dict) and obj[k] for k in _EMA_KEYS)
+    return Weights(sd, fmt, flavour, arch, extra, **recorded, has_ema=has_ema, used_ema=used_ema, sealed=sealed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def model_input_size(width: int, height: int, patch: int, min_short: int) -> tup
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     model = load_model(args.model, args.pretrained, use_ema=args.ema)
-    prep = eval_preprocessing(model, args.pretrained)
+    prep = eval_preprocessing(model)
     image = load_rgb(args.image)
     p = model.patch_size
     if args.img_size:

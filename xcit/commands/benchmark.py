@@ -139,7 +139,7 @@ def agreement(folder: str, name: str, pretrained: str | None, device: str, batch
     from ..predict import eval_preprocessing, eval_transform, load_model
 
     model = load_model(name, pretrained).to(device).eval()  # a training checkpoint rebuilds its own architecture
-    ds = ImageFolder(folder, transform=eval_transform(eval_preprocessing(model, pretrained, img_size)))
+    ds = ImageFolder(folder, transform=eval_transform(eval_preprocessing(model, img_size)))
     preds: dict[str, list[torch.Tensor]] = {p: [] for p in B.PRECISIONS}
     labels = []
     with torch.inference_mode():

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("onnx", "onnxscript", "onnxruntime"):
             importlib.import_module(name)
     model = load_model(args.model, args.pretrained, use_ema=args.ema)
-    prep = eval_preprocessing(model, args.pretrained)
+    prep = eval_preprocessing(model)
     H, W = (args.img_size * 2)[:2] if args.img_size else prep["input_size"][1:]
     p = model.patch_size
     model.check_input(torch.empty(1, model.cfg.in_chans, H, W))  # friendly error for sizes off the patch grid

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     model = load_model(args.model, args.pretrained, use_ema=args.ema)
-    prep = eval_preprocessing(model, args.pretrained, args.img_size)
+    prep = eval_preprocessing(model, args.img_size)
     transform = eval_transform(prep)
     files = find_images(args.inputs)
     if not files:

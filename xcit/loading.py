@@ -1,0 +1,194 @@
+"""Building a model from a weight file or a hub folder: the one path every command takes.
+
+:func:`xcit.read_weights` reads a file once (a training checkpoint's checksum is checked while it is read) into a
+:class:`xcit.weights.Weights`; :func:`model_from_weights` builds the model those weights fit and loads them;
+:func:`load_model` does both for a file or a ``save_pretrained`` folder (:func:`from_pretrained`).
+
+The architecture comes from, in order: a training checkpoint's recorded ``model_config`` (overrides included);
+else the named variant (or the one the file records) with the fields the tensors' shapes pin down (width, depth,
+heads, patch, class-attention layers, input channels, MLP ratio); explicit ``overrides`` apply last. Each model
+carries ``pretrained_cfg``, the evaluation preprocessing the file records (timm's keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import fields, replace
+from pathlib import Path
+
+from .arch import VARIANTS, XCiTConfig, get_config
+from .hub import CONFIG_NAME, TIMM_ARGS, WEIGHTS_NAME, default_pretrained_cfg
+from .model import XCiT
+from .weights import Weights, WeightsError, arch_from_state_dict, load_state_dict_checked, read_weights
+
+log = logging.getLogger("xcit")
+
+_FIELDS = {f.name for f in fields(XCiTConfig)}
+_NOT_ARCH = ("num_classes", "drop_path_rate")  # a recorded head size and training setting, not the architecture
+
+
+def load_model(
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    use_ema: bool | None = None,
+    num_classes: int | None = None,
+    strict: bool = True,
+    **overrides,
+) -> XCiT:
+    """The model stored at ``path`` (any supported weight file, or a ``save_pretrained`` / timm hub folder), in
+    eval mode. ``use_ema=None`` takes the EMA weights when the file has them; ``num_classes`` other than the
+    file's replaces the head (fine-tuning); ``overrides`` are :class:`xcit.XCiTConfig` fields."""
+    if Path(path).is_dir():
+        model = from_pretrained(path, num_classes=num_classes, **overrides)
+        if name and name != model.name:
+            raise ValueError(f"--model {name} does not match the folder's architecture {model.name}")
+        return model
+    w = read_weights(path, use_ema=use_ema)
+    return model_from_weights(w, name, num_classes=num_classes, strict=strict, **overrides).eval()
+
+
+def model_from_weights(
+    w: Weights,
+    name: str | None = None,
+    *,
+    num_classes: int | None = None,
+    strict: bool = True,
+    trust_name: bool = False,
+    **overrides,
+) -> XCiT:
+    """Build the model ``w`` fits (see the module docstring) and load it. ``trust_name`` builds exactly the named
+    variant plus ``overrides`` (:func:`xcit.create_model`'s rule), so weights of another shape are reported."""
+    recorded = {k: v for k, v in w.model_config.items() if k in _FIELDS and k not in _NOT_ARCH}
+    if recorded and not trust_name:
+        if name and w.arch and name != w.arch:
+            log.info("%s holds %s; loading that (%s was asked for)", w.source, w.arch, name)
+        name = w.arch or name
+        base = XCiTConfig(**recorded)
+    else:
+        name = name or w.arch
+        if name is None:
+            raise ValueError(f"{w.source} does not record its architecture: pass --model NAME")
+        base = get_config(name)
+        if not trust_name:
+            found = arch_from_state_dict(w.state_dict)
+            base = replace(base, **{k: type(getattr(base, k))(v) for k, v in found.items() if v != getattr(base, k)})
+    file_classes = w.num_classes
+    n_cls = num_classes if num_classes is not None else (file_classes if file_classes is not None else 1000)
+    if "flavour" not in overrides and w.flavour != base.flavour:
+        log.info("%s: %s weights, using the %r numerics flavour", w.source, w.source_format, w.flavour)
+        overrides["flavour"] = w.flavour
+    model = XCiT(replace(base, num_classes=n_cls, **overrides), name=name)
+    drop = num_classes is not None and file_classes is not None and num_classes != file_classes
+    load_state_dict_checked(model, w.state_dict, strict=strict, drop_head=drop, source=w.source)
+    classes = w.extra.get("classes")
+    model.class_names = list(classes) if classes and not drop else None
+    model.pretrained_cfg = {**default_pretrained_cfg(model), **recorded_preprocessing(w.config)}
+    if w.used_ema:
+        log.info("%s: EMA weights%s", w.source, f" from epoch {w.extra['epoch']}" if "epoch" in w.extra else "")
+    return model
+
+
+def recorded_preprocessing(config: dict) -> dict:
+    """The evaluation preprocessing an ``xcit train`` checkpoint's recorded config implies (timm's keys), or {}."""
+    if not config:
+        return {}
+    from .config import TrainConfig
+
+    tc = TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__})
+    mean, std = tc.norm_mean_std
+    size = int(tc.image_resize)
+    in_chans = int(config.get("in_channels", 3) or 3)
+    return {
+        "input_size": (in_chans, size, size),
+        "interpolation": tc.interpolation,
+        "crop_pct": float(tc.crop_pct),
+        "mean": mean,
+        "std": std,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hub folders
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    num_classes: int | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    **overrides,
+) -> XCiT:
+    """Load a model saved by :func:`xcit.hub.save_pretrained` (or a timm hub folder) from a local folder or a Hub
+    repo id.
+
+    Args:
+        name_or_path: a folder with ``config.json`` and ``model.safetensors``, or ``USER/REPO`` on the Hugging Face
+            Hub (needs ``huggingface_hub`` and network; the files are cached).
+        num_classes: replace the head with a fresh one of this size (fine-tuning); default: the saved head.
+        revision, cache_dir: passed to ``huggingface_hub.snapshot_download``.
+        **overrides: :class:`xcit.XCiTConfig` fields to change (``drop_path_rate``, ``img_size``, ...).
+    """
+    folder = _resolve_folder(name_or_path, revision, cache_dir)
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}")
+    config = json.loads(config_file.read_text())
+    arch = config.get("architecture")
+    if "xcit_config" in config:
+        cfg = XCiTConfig(**{k: v for k, v in config["xcit_config"].items() if k in _FIELDS})
+    elif arch in VARIANTS:  # a timm hub folder: the variant plus timm's model_args
+        args = {k: v for k, v in config.get("model_args", {}).items() if k in TIMM_ARGS}
+        cfg = replace(get_config(arch), num_classes=config.get("num_classes", 1000), **args)
+    else:
+        raise WeightsError(f"{config_file}: architecture {arch!r} is not an XCiT variant")
+    cfg = replace(cfg, **overrides)
+    w = read_weights(_weights_file(folder))
+    if "flavour" not in overrides and "xcit_config" not in config:
+        cfg = replace(cfg, flavour=w.flavour)
+    model = XCiT(cfg, name=arch)
+    load_state_dict_checked(model, w.state_dict, source=folder)
+    labels = config.get("label_names") or w.extra.get("classes")
+    if isinstance(labels, dict):  # timm allows {index: name}
+        labels = [labels[str(i)] if str(i) in labels else str(i) for i in range(cfg.num_classes)]
+    model.class_names = list(labels) if labels and len(labels) == cfg.num_classes else None
+    model.pretrained_cfg = {**default_pretrained_cfg(model), **config.get("pretrained_cfg", {})}
+    if num_classes is not None and num_classes != cfg.num_classes:
+        log.info("%s: replacing the %d-class head with a new %d-class head", folder, cfg.num_classes, num_classes)
+        model.reset_classifier(num_classes)
+        model.class_names = None
+    return model.eval()
+
+
+def _resolve_folder(name_or_path: str | os.PathLike, revision: str | None, cache_dir: str | None) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: not a model folder (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(
+            f"{name_or_path}: no such folder, and huggingface_hub is not installed to fetch it from the Hub "
+            "(pip install huggingface_hub)"
+        ) from None
+    patterns = [CONFIG_NAME, "*.safetensors", "pytorch_model.bin"]
+    try:
+        folder = snapshot_download(str(name_or_path), revision=revision, cache_dir=cache_dir, allow_patterns=patterns)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated, ...: one clear message
+        raise FileNotFoundError(
+            f"{name_or_path}: no such local folder, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from e
+    return Path(folder)
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, "open_clip_model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (or pytorch_model.bin) in the folder")
