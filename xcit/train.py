@@ -2,7 +2,8 @@
 
 What a run writes (rank 0 only) into ``ckpt_save_dir``: ``config.yaml`` (the resolved config), ``train.log``,
 ``metrics.csv`` / ``metrics.jsonl`` / ``metrics.png``, ``tensorboard/`` (if installed), epoch checkpoints
-``ckpt_e{epoch}.pth`` (the newest ``keep_checkpoint_max`` kept) and ``best.pth`` (best validation top-1).
+``ckpt_e{epoch}.pth`` (the newest ``keep_checkpoint_max`` kept), ``best.pth`` (best validation top-1) and, while it
+runs, ``run.lock`` (:mod:`xcit.runlock`: one run per folder).
 
 A checkpoint holds the full state, loadable with ``torch.load(weights_only=True)``: ``model``, ``ema``,
 ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` (the epoch to resume at), ``step`` (optimiser steps so far),
@@ -49,6 +50,7 @@ from .optim import LRSchedule, create_optimizer, param_groups
 from .precision import amp_setup, autocast
 from .preemption import Preempted, StopSignal, elastic_restart_count
 from .readers import report_bad_reads
+from .runlock import hold_run_lock
 from .variants import create_model
 from .weights import load_weights
 
@@ -86,6 +88,11 @@ def fit(
     """
     check_training(cfg)
     world = distributed.init(cfg.device_target, cfg.distribute, cfg.dist_timeout)
+    with hold_run_lock(Path(cfg.ckpt_save_dir), world.is_main):
+        return _fit(cfg, world, explicit, on_step, stop)
+
+
+def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) -> dict:
     out = Path(cfg.ckpt_save_dir)
     setup_logging(out / "train.log" if world.is_main else None, world.rank)
     for line in notices(cfg, set(explicit)):
