@@ -236,3 +236,76 @@ def test_predict_help_and_version(capsys):
     text = _help(["predict", "--help"], capsys)
     assert "image files and folders" in text and "classes to print per image" in text
     assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"xcit {xcit.__version__}"
+
+
+def test_benchmark_one_round_warns_and_records_the_warnings(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "b.json"
+    argv = ["benchmark", "--model", NAME, "--batch", "1", "--img-size", "32", "--mode", "infer", "--compare", "timm",
+            "--rounds", "1", "--iters", "1", "--warmup", "1", "--threads", "1", "--no-memory", "--results-file",
+            str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "warning: infer: one round gives no spread" in capsys.readouterr().out
+    assert any("one round" in w for w in json.loads(out.read_text())["warnings"])
+
+
+def _bench_result(ours_ms, timm_ms, fraction=0.5):
+    entry = {"gflops_per_s": 100.0 * fraction, "fraction_of_peak": fraction}
+    return {"precision": "fp32", "matmul_peak_gflops": {"fp32": 100.0, "bf16": 400.0},
+            "train": {"ours": {**entry, "round_medians_ms": ours_ms}, "timm": {**entry, "round_medians_ms": timm_ms},
+                      "ratio": {}}}  # fmt: skip
+
+
+def test_benchmark_warns_when_rounds_disagree_and_says_how_many_rounds():
+    from xcit.bench_checks import check, rounds_needed
+
+    steady = _bench_result([10.0, 10.1, 9.9, 10.0], [12.0, 12.1, 11.9, 12.0])
+    assert check(steady) == []
+    noisy = _bench_result([10.0, 10.0, 10.0, 10.0], [79.1, 1.44, 12.0, 11.0])  # 7.91 and 0.144 as seen in one run
+    (line,) = check(noisy)
+    n = rounds_needed([7.91, 0.144, 1.2, 1.1])
+    assert line.startswith("train: the rounds disagree: per-round ours/timm ratios 0.144 .. 7.910") and n > 100
+    assert f"needs about {n} rounds" in line
+
+
+def test_benchmark_warns_when_the_measured_peak_is_below_the_run():
+    from xcit.bench_checks import check
+
+    (line,) = [w for w in check(_bench_result([10.0] * 3, [11.0] * 3, fraction=1.151)) if "ours" in w]
+    assert "115% of the measured fp32 GEMM peak (100 GFLOP/s)" in line and "not meaningful" in line
+
+
+@pytest.mark.slow  # three short training runs: about 10 s
+def test_mid_epoch_resume_reports_the_whole_epochs_loss_and_csv_counts_from_one(tmp_path):
+    import csv
+    import json
+
+    from xcit.config import load_config
+    from xcit.demo import write_digits
+    from xcit.train import fit
+
+    data = write_digits(tmp_path / "digits", classes=3, per_class=10)  # 24 train images: 4 steps of 6
+    recipe = ["--model", NAME, "--model_overrides", "{embed_dim: 32, depth: 1, num_heads: 2}", "--image_resize", "16",
+              "--num_parallel_workers", "0", "--tensorboard", "False", "--data_dir", str(data), "--batch_size", "6",
+              "--epoch_size", "1", "--lr", "0.003", "--warmup_epochs", "0", "--decay_epochs", "1"]  # fmt: skip
+
+    def train(out: str, *extra: str, on_step=None) -> list[dict]:
+        cfg, explicit = load_config([*recipe, "--ckpt_save_dir", str(tmp_path / out), *extra])
+        fit(cfg, explicit, on_step=on_step)
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    class Crash(Exception):
+        pass
+
+    def crash(state):
+        if state.batches_done == 3:  # after the step checkpoint at step 2
+            raise Crash
+
+    straight = train("straight")
+    with pytest.raises(Crash):
+        train("resumed", "--ckpt_interval_steps", "2", on_step=crash)
+    resumed = train("resumed", "--resume", "auto")
+    assert resumed[0]["train_loss"] == straight[0]["train_loss"]  # all 4 steps, not the 2 after the resume
+    with open(tmp_path / "resumed" / "metrics.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1"]

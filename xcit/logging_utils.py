@@ -42,6 +42,11 @@ def setup_logging(log_file: Path | None, rank: int = 0) -> None:
             lg.addHandler(handler)
 
 
+def _csv_row(row: dict) -> dict:
+    """The CSV counts epochs from 1, as the log and the plot do (the JSONL keeps the 0-based loop index)."""
+    return {**row, "epoch": row["epoch"] + 1}
+
+
 class MetricsLog:
     """Per-epoch rows in ``metrics.csv`` and ``metrics.jsonl``, ``metrics.png``, and TensorBoard scalars.
 
@@ -74,7 +79,7 @@ class MetricsLog:
         with open(self.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             w.writeheader()
-            w.writerows(self.rows)
+            w.writerows(map(_csv_row, self.rows))
 
     def add(self, row: dict) -> None:
         """Append one epoch's metrics (keys of :data:`COLUMNS`; missing ones stay empty) and redraw the plot."""
@@ -82,7 +87,7 @@ class MetricsLog:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerow(row)
+            csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerow(_csv_row(row))
         if self.tb is not None:
             for k in ("train_loss", "lr", "val_loss", "top1", "top5", "img_per_sec"):
                 if row.get(k) is not None:

@@ -70,6 +70,8 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     batches_done: int = 0  # batches of ``epoch`` already trained (mid-epoch checkpoints)
+    loss_sum: float = 0.0  # the epoch's step losses so far and their count: a resumed epoch reports all of them
+    loss_steps: int = 0
     best_top1: float = -1.0
 
 
@@ -214,7 +216,7 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
             last_checkpoint=lambda: latest_checkpoint(out, CKPT_PATTERN) if world.is_main else None,
         )
         stats["bad_images"] = report_bad_reads(loader, f"epoch {epoch + 1}", "replaced by the next good image", 10)
-        state.epoch, state.batches_done = epoch + 1, 0
+        state.epoch, state.batches_done, state.loss_sum, state.loss_steps = epoch + 1, 0, 0.0, 0
         last_val = None
         if vloader is not None and (
             (cfg.val_while_train and (epoch + 1) % cfg.val_interval == 0) or epoch + 1 == cfg.epoch_size
@@ -284,7 +286,7 @@ def train_one_epoch(
     total, batch = len(loader), loader.batch_size
     bar = tqdm(total=total, initial=start_batch, desc=f"epoch {state.epoch + 1}/{epochs}", dynamic_ncols=True,
                disable=None if distributed.is_main() else True, leave=False)  # fmt: skip
-    losses, micro = [], torch.zeros((), device=device)
+    micro = torch.zeros((), device=device)
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(loader, start=start_batch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -322,7 +324,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update(inner)
         state.step, state.batches_done = state.step + 1, i + 1
-        losses.append(step_loss)
+        state.loss_sum, state.loss_steps = state.loss_sum + step_loss, state.loss_steps + 1
         done = (i + 1 - start_batch) * batch * world_size
         ips = done / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{schedule.get_last_lr():.2e}", img_s=f"{ips:.0f}")
@@ -337,7 +339,7 @@ def train_one_epoch(
     elapsed = time.perf_counter() - t0
     seen = (total - start_batch) * batch * world_size
     return {
-        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "train_loss": state.loss_sum / state.loss_steps if state.loss_steps else float("nan"),
         "lr": schedule.get_last_lr(),
         "epoch_time": elapsed,
         "img_per_sec": seen / max(elapsed, 1e-9),
@@ -420,6 +422,7 @@ def checkpoint_state(
         "epoch": state.epoch,
         "step": state.step,
         "sampler": sampler.state_dict(batches_done=state.batches_done),
+        "epoch_loss": [state.loss_sum, state.loss_steps],  # the running mean of a mid-epoch checkpoint's epoch
         "rng": rngs,
         "config": cfg.to_dict(),
         "classes": list(classes),
@@ -471,6 +474,8 @@ def restore(
     state = TrainState(int(ckpt["epoch"]), int(ckpt["step"]), 0, float(ckpt.get("best_top1", -1.0)))
     if ckpt["sampler"]["epoch"] == state.epoch:
         state.batches_done = sampler.start_batch
+        state.loss_sum, state.loss_steps = (float(v) for v in ckpt.get("epoch_loss", (0.0, 0)))
+        state.loss_steps = int(state.loss_steps)
     log.info("resumed %s: epoch %d, step %d%s", path, state.epoch, state.step,
              f" (+{state.batches_done} batches)" if state.batches_done else "")  # fmt: skip
     return state, ckpt.get("rng")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import benchmark as B
+from ..bench_checks import check, round_ratios, rounds_needed
 from ..options import Parser
 
 log = logging.getLogger("xcit")
@@ -193,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.batch, args.img_size, args.precision, args.compile, modes, args.compare, args.device,
             args.warmup, args.rounds, args.iters, args.memory, args.pretrained, args.settle,
         )  # fmt: skip
-        results.update(res)
+        for mode in modes:  # how many rounds the observed spread needs for a ratio within 2%
+            if "ratio" in res[mode]:
+                res[mode]["ratio"]["rounds_needed"] = rounds_needed(round_ratios(res[mode]))
+        results.update(res, warnings=check(res))
         report(res)
+        for line in results["warnings"]:
+            print(f"warning: {line}")
     if args.results_file:
         Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results_file).write_text(json.dumps(results, indent=2) + "\n")
