@@ -73,6 +73,7 @@ class TrainConfig:
     data_dir: str = _k("", "dataset root holding <train_split>/ and <val_split>/ class folders")
     train_split: str = _k("train", "training split folder name")
     val_split: str = _k("val", "validation split folder name")
+    data_format: str = _k("auto", "auto | folder | wds (WebDataset shards) | hf (Hugging Face dataset)", xcit=True)
     dataset_download: bool = _k(False, "MindCV downloads MNIST/CIFAR; here data must be an ImageFolder")
     num_parallel_workers: int = _k(8, "data loader worker processes (capped at the CPU count)")
     shuffle: bool = _k(True, "shuffle the training set every epoch")
@@ -354,6 +355,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device_target": DEVICES,
     "distillation_type": ("none", "soft", "hard"),
     "ema_warmup": EMA_WARMUPS,
+    "data_format": ("auto", "folder", "wds", "hf"),
 }
 _PROBABILITIES = ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing", "warmup_factor")
 _PROBABILITIES += ("distillation_alpha",)

@@ -30,9 +30,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from .config import ConfigError, TrainConfig
-from .index_cache import folder_key, shared_index
+from .formats import detect_format, layout, open_split, relabel
 from .preemption import worker_ignores_stop_signals
-from .readers import CountingLoader, FolderSource, ImageDataset, Listing, class_folders, collate, list_folder
+from .readers import CountingLoader, ImageDataset, collate
 from .sampler import ResumableSampler, SeededDataset
 
 log = logging.getLogger("xcit")
@@ -54,18 +54,10 @@ def image_folder(
     skip_bad: bool = False,
     cache_dir: Path | None = None,
 ) -> ImageDataset:
-    """An ImageFolder split indexed from its listing (:func:`xcit.readers.list_folder`), as an :class:`ImageDataset`.
-    Under torchrun only rank 0 lists; with ``cache_dir`` the index is reused while the tree is unchanged
-    (:func:`xcit.index_cache.shared_index`)."""
+    """One ImageFolder split (``root``) as an :class:`ImageDataset`, labels in ``classes``' order if given."""
     root = Path(root)
-    objs = shared_index(
-        str(root),
-        lambda: folder_key(root, classes),
-        lambda: dict(zip(("source", "listing"), list_folder(root, classes))),
-        {"FolderSource": FolderSource, "Listing": Listing},
-        cache_dir,
-    )
-    return ImageDataset(objs["source"], transform, skip_bad, objs["listing"])
+    source, listing = open_split("folder", root.parent, root.name, cache_dir)
+    return ImageDataset(relabel(source, classes) if classes else source, transform, skip_bad, listing)
 
 
 def _report(split: str, ds: ImageDataset) -> None:
@@ -85,48 +77,66 @@ def build_datasets(
     need_val: bool = True,
     skip_unknown_val: bool = False,
     cache_dir: Path | None = None,
+    exact_classes: bool = False,
 ) -> tuple[ImageDataset | None, ImageDataset | None]:
-    """Train (unless ``need_train`` is False) and val datasets with their transforms.
+    """Train (unless ``need_train`` is False) and val datasets with their transforms, in any format
+    (``data_format``, :mod:`xcit.formats`).
 
-    Labels follow ``classes`` if given (a checkpoint's), else train's sorted class folders (val's when there is no
-    train split). A missing val split gives ``None`` unless ``need_val``. An empty split, or a val class that the
-    label set lacks, is a :class:`DataError` (with ``skip_unknown_val``, such folders are left out with a warning).
-    ``cache_dir``: where the indexes are kept between runs (see :func:`image_folder`).
+    Labels follow ``classes`` if given (a checkpoint's), else train's sorted classes (val's when there is no train
+    split). A missing val split gives ``None`` unless ``need_val``. An empty split, or a val class that the label
+    set lacks, is a :class:`DataError` (with ``skip_unknown_val``, such classes are left out with a warning);
+    ``exact_classes`` also refuses a val split that lacks some of ``classes``. ``cache_dir``: where the indexes
+    are kept between runs (:mod:`xcit.index_cache`).
     """
     root = Path(cfg.data_dir)
-    train_dir, val_dir = root / cfg.train_split, root / cfg.val_split
     if not root.is_dir():
         raise DataError(f"data_dir not found: {root}")
-    for split, d, needed in (("train", train_dir, need_train), ("val", val_dir, need_val)):
-        if needed and not d.is_dir():
-            raise DataError(f"{split} split not found: {d} (ImageFolder layout: {root}/<split>/<class>/<image>)")
+    fmt = detect_format(root, cfg.train_split, cfg.val_split) if cfg.data_format == "auto" else cfg.data_format
     train = None
     if need_train:
-        train = image_folder(train_dir, classes, train_transform(cfg), cache_dir=cache_dir)
-        _report(str(train_dir), train)
+        opened = open_split(fmt, root, cfg.train_split, cache_dir)
+        if opened is None:
+            raise DataError(f"train split not found: {root / cfg.train_split} ({layout(fmt, root)})")
+        source, listing = opened
+        train = ImageDataset(relabel(source, classes) if classes else source, train_transform(cfg), False, listing)
+        _report(f"{root / cfg.train_split}", train)
         if not len(train):
-            raise DataError(f"{train_dir}: no images in {len(train.source.found_classes)} class folders")
+            raise DataError(f"{root / cfg.train_split}: no images in {len(source.found_classes)} class folders")
         empty = sorted(set(train.classes) - {train.classes[y] for y in set(train.targets)})
         if empty:
-            log.warning("%s: %d classes have no readable training images: %s", train_dir, len(empty), empty[:10])
+            log.warning("%s: %d classes have no training images: %s", root / cfg.train_split, len(empty), empty[:10])
         classes = train.classes
-    if not val_dir.is_dir():
+    opened = open_split(fmt, root, cfg.val_split, cache_dir)
+    if opened is None:
+        if need_val:
+            raise DataError(f"val split not found: {root / cfg.val_split} ({layout(fmt, root)})")
         log.info("no %s split in %s: training without validation", cfg.val_split, root)
         return train, None
-    val_classes = class_folders(val_dir)
-    classes = val_classes if classes is None else classes
-    unknown = sorted(set(val_classes) - set(classes))
-    where = train_dir if need_train else "the checkpoint's classes"
-    if unknown and skip_unknown_val:
-        log.warning("%s: %d class folders are not in %s and are not scored: %s", val_dir, len(unknown), where,
+    source, listing = opened
+    label_set = f"{root / cfg.train_split}" if need_train else "the checkpoint's classes"
+    _check_val_classes(f"{root / cfg.val_split}", source.classes, classes, label_set, skip_unknown_val, exact_classes)
+    val = ImageDataset(relabel(source, classes or source.classes), eval_transform(cfg), True, listing)
+    _report(f"{root / cfg.val_split}", val)
+    if not len(val):
+        raise DataError(f"{root / cfg.val_split}: no images")
+    return train, val
+
+
+def _check_val_classes(where: str, found, classes, label_set: str, skip_unknown: bool, exact: bool) -> None:
+    if classes is None:
+        return
+    unknown, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+    if exact and (unknown or missing) and not skip_unknown:
+        raise DataError(
+            f"{where} does not hold the checkpoint's classes (missing {len(missing)}: {missing[:5]}, unknown "
+            f"{len(unknown)}: {unknown[:5]}); --ignore_class_mismatch True scores the checkpoint's classes that are "
+            f"present"
+        )
+    if unknown and skip_unknown:
+        log.warning("%s: %d classes are not in %s and are not scored: %s", where, len(unknown), label_set,
                     unknown[:10])  # fmt: skip
     elif unknown:
-        raise DataError(f"{val_dir}: {len(unknown)} classes are not in {where}: {unknown[:10]}")
-    val = image_folder(val_dir, classes, eval_transform(cfg), skip_bad=True, cache_dir=cache_dir)
-    _report(str(val_dir), val)
-    if not len(val):
-        raise DataError(f"{val_dir}: no images")
-    return train, val
+        raise DataError(f"{where}: {len(unknown)} classes are not in {label_set}: {unknown[:10]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

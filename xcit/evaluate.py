@@ -125,7 +125,7 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
     """``xcit validate``: top-1, top-5 and loss of ``cfg.ckpt_path`` on ``data_dir/val_split``, on every rank."""
     from . import distributed
     from .config import notices
-    from .data import DataError, build_datasets, class_folders, val_loader
+    from .data import DataError, build_datasets, val_loader
     from .logging_utils import setup_logging
     from .precision import amp_setup
 
@@ -139,15 +139,9 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
     use_ema = cfg.ema or "ema" not in explicit
     model, classes, recorded = model_for_eval(cfg.ckpt_path, cfg, world.device, use_ema)
     _recorded_preprocessing(cfg, recorded, set(explicit))
-    folders = class_folders(Path(cfg.data_dir) / cfg.val_split) if (Path(cfg.data_dir) / cfg.val_split).is_dir() else []
-    if classes and sorted(folders) != sorted(classes) and not cfg.ignore_class_mismatch:
-        missing, extra = sorted(set(classes) - set(folders)), sorted(set(folders) - set(classes))
-        raise DataError(
-            f"{cfg.data_dir}/{cfg.val_split} does not hold the checkpoint's classes (missing {len(missing)}: "
-            f"{missing[:5]}, unknown {len(extra)}: {extra[:5]}); --ignore_class_mismatch True scores the "
-            f"checkpoint's classes that are present"
-        )
-    _, val = build_datasets(cfg, classes=classes, need_train=False, skip_unknown_val=cfg.ignore_class_mismatch)
+    _, val = build_datasets(
+        cfg, classes=classes, need_train=False, skip_unknown_val=cfg.ignore_class_mismatch, exact_classes=True
+    )
     if classes is None and len(val.classes) != getattr(model, "num_classes", len(val.classes)):
         log.warning("%d class folders, model head has %d outputs: labels are the sorted folder indices",
                     len(val.classes), model.num_classes)  # fmt: skip

@@ -8,6 +8,7 @@ file, so a data loader can skip it with a counted warning instead of crashing th
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -52,14 +53,25 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Ima
         raise FileNotFoundError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file")
+    return _decode(path, str(path), max_pixels)
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """:func:`load_rgb` for an image held in memory (a tar member, a dataset cell); ``name`` is used in errors."""
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(src, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's bomb and EXIF warnings: the size is checked explicitly below
-            with Image.open(path) as im:
+            with Image.open(src) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageError(
-                        f"{path}: refused, declares {w}x{h} = {w * h} pixels (limit {max_pixels}); "
+                        f"{name}: refused, declares {w}x{h} = {w * h} pixels (limit {max_pixels}); "
                         f"possible decompression bomb"
                     )
                 im.load()
@@ -67,9 +79,9 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Ima
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: refused, possible decompression bomb ({e})") from None
+        raise ImageError(f"{name}: refused, possible decompression bomb ({e})") from None
     except MemoryError:
-        raise ImageError(f"{path}: refused, decoding it needs more memory than is available") from None
+        raise ImageError(f"{name}: refused, decoding it needs more memory than is available") from None
     except Exception as e:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise ImageError(f"{path}: cannot decode image ({reason})") from None
+        raise ImageError(f"{name}: cannot decode image ({reason})") from None

@@ -17,8 +17,9 @@ import typing
 from typing import Any, Union
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "data": ("dataset", "data_dir", "train_split", "val_split", "dataset_download", "num_parallel_workers", "shuffle",
-             "num_samples", "batch_size", "drop_remainder", "aug_repeats", "eval_shuffle"),
+    "data": ("dataset", "data_dir", "train_split", "val_split", "data_format", "dataset_download",
+             "num_parallel_workers", "shuffle", "num_samples", "batch_size", "drop_remainder", "aug_repeats",
+             "eval_shuffle"),
     "model": ("model", "num_classes", "in_channels", "drop_rate", "drop_path_rate", "model_overrides",
               "grad_checkpointing", "sync_bn", "freeze_bn"),
     "augmentation": ("image_resize", "scale", "ratio", "hflip", "vflip", "color_jitter", "interpolation",
@@ -46,8 +47,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 # what `xcit validate` reads (evaluate.validate, the evaluation transform and the validation loader)
 VALIDATE_KEYS = frozenset(
-    ("dataset", "data_dir", "val_split", "num_parallel_workers", "batch_size", "model", "model_overrides",
-     "image_resize", "interpolation", "mean", "std", "crop_pct", "ckpt_path", "ema", "results_file",
+    ("dataset", "data_dir", "val_split", "data_format", "num_parallel_workers", "batch_size", "model",
+     "model_overrides", "image_resize", "interpolation", "mean", "std", "crop_pct", "ckpt_path", "ema", "results_file",
      "ignore_class_mismatch", "distribute", "dist_timeout", "device_target", "mode", "compile", "val_amp_level",
      "amp_dtype", "channels_last")
 )  # fmt: skip

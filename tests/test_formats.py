@@ -1,0 +1,163 @@
+"""WebDataset shards and Hugging Face datasets, written by webdataset and datasets themselves, train and validate
+like ImageFolders: same classes, every validation image counted once, validate's top-1 equal to training's."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xcit.cli import main
+from xcit.data import build_datasets, train_loader, val_loader
+
+from .test_data import cfg_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["circle", "square", "star"]
+TINY = ["--model", "xcit_nano_12_p8_224", "--model_overrides", "{embed_dim: 32, depth: 1, num_heads: 2}",
+        "--image_resize", "16", "--batch_size", "4", "--num_parallel_workers", "0", "--tensorboard", "False",
+        "--device_target", "cpu", "--epoch_size", "1", "--val_while_train", "True"]  # fmt: skip
+
+
+def _samples(split: str, seed: int) -> list[tuple[bytes, int]]:
+    """JPEG bytes and labels: 6 train / 3 val images per class, coloured by class."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for label in range(len(CLASSES)):
+        for _ in range(6 if split == "train" else 3):
+            arr = rng.integers(0, 80, (20, 20, 3), dtype=np.uint8)
+            arr[..., label] += 150
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+            out.append((buf.getvalue(), label))
+    return out
+
+
+BROKEN = b"<html>404</html>"  # one undecodable validation image in every format
+
+
+def write_wds(root: Path, hub_layout: bool = False) -> Path:
+    import webdataset as wds
+
+    for split, seed in (("train", 0), ("validation" if hub_layout else "val", 1)):
+        samples = _samples(split, seed) + ([] if split == "train" else [(BROKEN, 0)])
+        pattern = root / (f"imagenet-{split}-%06d.tar" if hub_layout else f"{split}/shard-%06d.tar")
+        pattern.parent.mkdir(parents=True, exist_ok=True)
+        with wds.ShardWriter(str(pattern), maxcount=5) as sink:  # several shards per split
+            for i, (data, label) in enumerate(samples):
+                sink.write({"__key__": f"{split}_{i:05d}", "jpg": data, "cls": label})
+    if not hub_layout:
+        (root / "classes.json").write_text(json.dumps(CLASSES))
+    return root
+
+
+def _dataset_dict():
+    from datasets import ClassLabel, Dataset, DatasetDict, Features
+    from datasets import Image as HFImage
+
+    feats = Features({"image": HFImage(), "label": ClassLabel(names=CLASSES)})
+    splits = {}
+    for split, seed in (("train", 0), ("validation", 1)):
+        samples = _samples(split, seed) + ([] if split == "train" else [(BROKEN, 0)])
+        rows = {"image": [{"bytes": d, "path": None} for d, _ in samples], "label": [y for _, y in samples]}
+        splits[split] = Dataset.from_dict(rows, features=feats)
+    return DatasetDict(splits)
+
+
+def write_hf_disk(root: Path) -> Path:
+    _dataset_dict().save_to_disk(str(root))
+    return root
+
+
+def write_hf_parquet(root: Path) -> Path:
+    for split, ds in _dataset_dict().items():
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _datasets_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+WRITERS = {"wds": write_wds, "wds_hub": lambda r: write_wds(r, True), "hf_disk": write_hf_disk,
+           "hf_parquet": write_hf_parquet}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_each_format_indexes_like_a_folder(fmt, tmp_path, caplog):
+    root = WRITERS[fmt](tmp_path / fmt)
+    train, val = build_datasets(cfg_for(root))
+    names = CLASSES if fmt != "wds_hub" else ["0", "1", "2"]  # timm's hub shards carry no class names
+    assert train.classes == names and len(train) == 18 and len(val) == 10
+    assert np.bincount(train.targets).tolist() == [6, 6, 6]
+    x, y = next(iter(train_loader(train, cfg_for(root), world=1, rank=0)))
+    assert x.shape == (4, 3, 32, 32) and y.dtype.is_floating_point is False
+    seen = 0
+    for rank in range(2):
+        loader = val_loader(val, 4, 0, 2, rank)
+        seen += sum(len(y) for _, y in loader)
+        bad = loader.take_bad()
+        assert len(bad) == (1 if rank == 1 else 0)  # the broken image is item 9: rank 1's shard
+    assert seen == 9  # every decodable validation image once, the broken one skipped
+
+
+SLOW = pytest.mark.slow  # about 5 s each; hf_disk runs in the default suite
+
+
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=[] if f == "hf_disk" else [SLOW]) for f in WRITERS])
+def test_each_format_trains_and_validates_with_the_same_top1(fmt, tmp_path, caplog):
+    root = WRITERS[fmt](tmp_path / fmt)
+    out = tmp_path / "out"
+    train_json, val_json = tmp_path / "train.json", tmp_path / "val.json"
+    assert main(["train", "--data_dir", str(root), "--ckpt_save_dir", str(out), *TINY,
+                 "--results_file", str(train_json)]) == 0  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="xcit"):
+        assert main(["validate", "--data_dir", str(root), *TINY, "--ckpt_path", str(out / "ckpt_e0001.pth"),
+                     "--results_file", str(val_json)]) == 0  # fmt: skip
+    trained, validated = json.loads(train_json.read_text()), json.loads(val_json.read_text())
+    assert trained["num_images"] == validated["num_images"] == 9 and validated["skipped_images"] == 1
+    assert validated["top1"] == trained["top1"]
+    assert "validation: 1 unreadable images skipped, not scored" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fmt", ["wds", "hf_parquet"])
+def test_two_gloo_ranks_count_every_validation_image_once(fmt, tmp_path):
+    root = WRITERS[fmt](tmp_path / fmt)
+    out, result = tmp_path / "out", tmp_path / "val2.json"
+    assert main(["train", "--data_dir", str(root), "--ckpt_save_dir", str(out), *TINY]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf2")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "xcit.cli"]
+    for command in (
+        ["train", "--ckpt_save_dir", str(tmp_path / "out2")],
+        ["validate", "--ckpt_path", str(out / "ckpt_e0001.pth"), "--results_file", str(result)],
+    ):
+        proc = subprocess.run([*torchrun, *command, "--data_dir", str(root), *TINY], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(result.read_text())
+    assert got["num_images"] == 9 and got["skipped_images"] == 1
+    one = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert got["top1"] == one["top1"]
+
+
+def test_a_missing_datasets_package_names_the_extra(tmp_path, monkeypatch, capsys):
+    root = write_hf_disk(tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: `import datasets` raises
+    assert main(["train", "--data_dir", str(root), "--ckpt_save_dir", str(tmp_path / "out"), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("xcit train: error: the optional package 'datasets' is not installed: "
+                       "pip install -e '.[data]' (or pip install datasets)")  # fmt: skip

@@ -1,0 +1,154 @@
+"""WebDataset tar shards with random access: an index of the tar members, read with ``os.pread``.
+
+A split is a folder of ``.tar`` shards as webdataset's ``ShardWriter`` writes them (``data_dir/<split>/*.tar``), or
+timm's hub layout: ``data_dir/*-<split>-*.tar`` in one folder, the files listed in ``_info.json`` when it has the
+split (``val`` also finds ``validation``). Each sample is a ``__key__`` with an image member (``jpg``, ``jpeg``,
+``png``, ``webp``) and a ``cls`` member holding the integer label, webdataset's naming: the key is the member
+path up to the first dot of its file name, the extension the rest.
+
+The index holds, per sample, the shard, the image member's byte offset and size and the label, found by reading
+the tar headers (and the few bytes of each ``cls``) once, on rank 0 (:mod:`xcit.index_cache`). Item ``i`` is then
+one ``pread`` of its bytes, so :class:`xcit.sampler.ResumableSampler`'s order, the per-sample augmentation seeds
+and bit-identical mid-epoch resume hold exactly as for folders. Class names come from ``classes.json`` beside the
+shards (``xcit shard`` writes it), else ``_info.json``'s ``classes``, else the labels as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .imageio import decode_rgb
+from .readers import Listing
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+_FDS: dict[str, int] = {}  # open shard files of this process
+_FDS_PID = [os.getpid()]
+
+
+def _read_json(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def split_shards(root: Path, split: str) -> list[Path]:
+    """The shard files of ``split`` under ``root`` (empty when there are none)."""
+    info = _read_json(root / "_info.json") or {}
+    for name in dict.fromkeys([split, "validation" if split == "val" else split]):
+        tars = sorted((root / name).glob("*.tar")) if (root / name).is_dir() else []
+        listed = info.get("splits", {}).get(name, {}).get("filenames") if isinstance(info, dict) else None
+        tars = tars or [root / f for f in listed or []] or sorted(root.glob(f"*-{name}-*.tar"))
+        if tars:
+            return tars
+    return []
+
+
+def class_names(shards: list[Path], num_labels: int) -> list[str]:
+    """``classes.json`` (a list) beside the shards or above them, else ``_info.json``'s ``classes``, else labels."""
+    for d in dict.fromkeys([shards[0].parent, shards[0].parent.parent]):
+        names = _read_json(d / "classes.json")
+        info = _read_json(d / "_info.json")
+        names = names if isinstance(names, list) else (info or {}).get("classes") if isinstance(info, dict) else None
+        if isinstance(names, list) and len(names) >= num_labels:
+            return [str(n) for n in names]
+    return [str(i) for i in range(num_labels)]
+
+
+def shards_key(shards: list[Path]) -> dict:
+    """What a shard index depends on: each file's path, size and modification time."""
+    stats = [(str(p), *(lambda s: (s.st_size, s.st_mtime_ns))(os.stat(p))) for p in shards]
+    return {"version": 1, "kind": "wds", "split": os.path.commonpath([str(p.parent) for p in shards]), "files": stats}
+
+
+def _index_shard(path: Path, listing: Listing) -> tuple[list[str], list[int], list[int], list[int]]:
+    """``(keys, offsets, sizes, labels)`` of the complete samples of one shard."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            match = _KEY_EXT.match(m.name) if m.isfile() else None
+            if match is None:
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            s = samples.setdefault(key, {})
+            if ext in IMAGE_EXTS and "image" not in s:
+                s["image"] = (m.offset_data, m.size, ext)
+            elif ext == "cls":
+                s["cls"] = tf.extractfile(m).read()
+    keys, offsets, sizes, labels = [], [], [], []
+    for key, s in samples.items():
+        try:
+            label = int(s["cls"])
+            offset, size, ext = s["image"]
+        except (KeyError, ValueError):
+            listing.not_images.append(f"{path}:{key} (needs an image and an integer cls member)")
+            continue
+        keys.append(f"{key}.{ext}")
+        offsets.append(offset)
+        sizes.append(size)
+        labels.append(label)
+    return keys, offsets, sizes, labels
+
+
+@dataclass
+class ShardSource:
+    """A split of tar shards: per sample its shard, byte range and label."""
+
+    root: Path
+    classes: list[str]
+    found_classes: list[str]
+    shards: list[str]
+    shard: np.ndarray  # int32 index into shards
+    offsets: np.ndarray  # int64
+    sizes: np.ndarray  # int64
+    keys: np.ndarray  # bytes: member name, for messages
+    targets: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def name(self, i: int) -> str:
+        return f"{self.shards[self.shard[i]]}:{self.keys[i].decode()}"
+
+    def read(self, i: int) -> bytes:
+        if _FDS_PID[0] != os.getpid():  # a forked worker opens its own descriptors
+            _FDS.clear()
+            _FDS_PID[0] = os.getpid()
+        path = os.path.join(self.root, self.shards[self.shard[i]])
+        fd = _FDS.get(path)
+        if fd is None:
+            fd = _FDS[path] = os.open(path, os.O_RDONLY)
+        return os.pread(fd, int(self.sizes[i]), int(self.offsets[i]))
+
+    def load(self, i: int):
+        return decode_rgb(self.read(i), self.name(i))
+
+    def subset(self, keep) -> ShardSource:
+        keep = np.asarray(keep, dtype=np.int64)
+        return ShardSource(self.root, self.classes, self.found_classes, self.shards, self.shard[keep],
+                           self.offsets[keep], self.sizes[keep], self.keys[keep], self.targets[keep])  # fmt: skip
+
+
+def list_shards(shards: list[Path]) -> dict[str, object]:
+    """Index ``shards`` (one pass over the tar headers): ``{"source": ShardSource, "listing": Listing}``."""
+    from .readers import encode_paths
+
+    listing = Listing()
+    root = Path(os.path.commonpath([str(p.parent) for p in shards]))
+    parts = [_index_shard(p, listing) for p in shards]
+    shard = np.concatenate([np.full(len(k), i, dtype=np.int32) for i, (k, *_) in enumerate(parts)])
+    keys, offsets, sizes, labels = ([x for part in parts for x in part[j]] for j in range(4))
+    targets = np.asarray(labels, dtype=np.int64)
+    names = class_names(shards, int(targets.max()) + 1 if len(targets) else 0)
+    source = ShardSource(root, names, names, [os.path.relpath(p, root) for p in shards], shard,
+                         np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64), encode_paths(keys),
+                         targets)  # fmt: skip
+    return {"source": source, "listing": listing}
