@@ -178,8 +178,8 @@ def test_plain_torch_file_loads_with_warning_unless_checksum_required(tmp_path, 
 
 
 def test_prune_keeps_newest_and_removes_dead_temp_files(tmp_path):
-    for step in range(5):
-        _save(tmp_path / f"ckpt_{step}.pth", {"step": step}, mtime_ns=(step + 1) * 10**9)
+    for step in range(5):  # written newest first: the recorded progress decides, not the file time
+        _save(tmp_path / f"ckpt_{step}.pth", {"epoch": 0, "step": step}, mtime_ns=(9 - step) * 10**9)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".ckpt_9.pth.tmp{int(dead.stdout)}"
     stale.write_bytes(b"partial")
@@ -219,3 +219,40 @@ def test_cuda_rng_round_trip():
     torch.cuda.manual_seed_all(7)
     restore_rng_state(state)
     assert torch.equal(torch.rand(4, device="cuda"), a)
+
+
+def _progress_files(folder) -> list:
+    """Checkpoints of (epoch, step) (0, 3), (1, 6), (1, 8), (2, 10), written in that order."""
+    paths = []
+    for i, (epoch, step) in enumerate([(0, 3), (1, 6), (1, 8), (2, 10)]):
+        name = f"ckpt_e{epoch:04d}_s{step:08d}.pth" if i % 2 else f"ckpt_e{epoch + 1:04d}.pth"
+        _save(folder / name, {**_state(step), "epoch": epoch, "step": step}, mtime_ns=(i + 1) * 10**9)
+        paths.append(folder / name)
+    return paths
+
+
+def test_latest_and_prune_go_by_recorded_progress_not_by_file_times(tmp_path):
+    paths = _progress_files(tmp_path / "run")
+    newest = paths[-1]
+    os.utime(paths[0], None)  # `touch` of the oldest: now the file with the newest time
+    assert latest_checkpoint(tmp_path / "run") == newest
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in reversed(paths):  # `cp` without -p, the newest progress first: it gets the oldest time
+        subprocess.run(["cp", str(p), str(copy / p.name)], check=True)
+        os.utime(copy / p.name, ns=(time_ns := (5 - paths.index(p)) * 10**9, time_ns))
+    assert latest_checkpoint(copy) == copy / newest.name
+    removed = prune_checkpoints(tmp_path / "run", keep=2)
+    assert sorted(p.name for p in removed) == sorted(p.name for p in paths[:2])  # never the newer progress
+    assert sorted(tmp_path.joinpath("run").glob("*.pth")) == sorted(paths[2:])
+
+
+def test_latest_skips_a_greater_progress_whose_seal_fails(tmp_path, caplog):
+    paths = _progress_files(tmp_path)
+    data = bytearray(paths[-1].read_bytes())
+    data[len(data) // 2] ^= 0x01
+    paths[-1].write_bytes(bytes(data))
+    os.utime(paths[1], None)
+    with caplog.at_level(logging.WARNING, logger="xcit"):
+        assert latest_checkpoint(tmp_path) == paths[2]  # (1, 8): the greatest one that verifies
+    assert f"{paths[-1].name}: checksum mismatch" in caplog.text

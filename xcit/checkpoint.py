@@ -240,21 +240,46 @@ def load_checkpoint(path: str | os.PathLike, require_checksum: bool = False) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _newest_first(directory: Path, pattern: str) -> list[Path]:
-    files = [p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
-    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+def recorded_progress(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The ``(epoch, step)`` a training checkpoint records, or ``None`` (no such fields, or unreadable).
+
+    Read with ``mmap``: the pickle is parsed, tensor bytes are not read, so it costs milliseconds for any size.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable: no progress; latest_checkpoint reports the file when it gets there
+        return None
+    if isinstance(obj, dict) and type(obj.get("epoch")) is int and type(obj.get("step")) is int:
+        return obj["epoch"], obj["step"]
+    return None
+
+
+def _newest_first(directory: Path, pattern: str) -> list[tuple[Path, tuple[int, int] | None]]:
+    """``(file, recorded (epoch, step))`` for the files matching ``pattern``, the greatest progress first; files
+    recording none (unreadable, truncated, not a training checkpoint) come last.
+
+    Never by modification time: ``cp`` without ``-p``, ``rsync`` without ``-t`` or a ``touch`` would make an old
+    checkpoint look new (and resuming from it would retrain finished steps, and pruning would delete newer ones).
+    """
+    files = [(p, recorded_progress(p)) for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
+    return sorted(files, key=lambda f: (*(f[1] or (-1, -1)), f[0].name), reverse=True)
 
 
 def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pth") -> Path | None:
-    """The newest file in ``directory`` matching ``pattern`` whose checksum verifies, or ``None``.
+    """The file in ``directory`` matching ``pattern`` with the greatest recorded (epoch, step) whose checksum
+    verifies, or ``None``.
 
-    Corrupt or unsealed files are reported and skipped, so a crash or bit rot in the last checkpoint falls back
-    to the previous good one.
+    Corrupt, unsealed or unreadable files are reported and skipped, so a crash or bit rot in the last checkpoint
+    falls back to the previous good one. Files' modification times play no part.
     """
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    for p in _newest_first(directory, pattern):
+    files = _newest_first(directory, pattern)
+    for p, _ in (f for f in files if f[1] is None):
+        log.warning("skipping checkpoint %s: no recorded (epoch, step) (unreadable, truncated or not written by "
+                    "xcit train)", p)  # fmt: skip
+    for p, _ in (f for f in files if f[1] is not None):
         try:
             ok = verify_checkpoint(p)
         except OSError as e:
@@ -268,8 +293,8 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pth") -> P
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int, pattern: str = "*.pth") -> list[Path]:
-    """Delete all but the ``keep`` newest files matching ``pattern`` (``keep <= 0`` keeps all), plus temp files
-    left behind by killed writers. Returns the deleted paths."""
+    """Delete all but the ``keep`` files matching ``pattern`` with the greatest recorded (epoch, step) (``keep <= 0``
+    keeps all), plus temp files left behind by killed writers. Returns the deleted paths."""
     directory = Path(directory)
     removed = []
     for tmp in directory.glob(".*.tmp*"):  # from save_checkpoint of a process that no longer exists
@@ -278,7 +303,7 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, pattern: str = "*
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     if keep > 0:
-        for p in _newest_first(directory, pattern)[keep:]:
+        for p, _ in _newest_first(directory, pattern)[keep:]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
