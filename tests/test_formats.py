@@ -161,3 +161,33 @@ def test_a_missing_datasets_package_names_the_extra(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == ("xcit train: error: the optional package 'datasets' is not installed: "
                        "pip install -e '.[data]' (or pip install datasets)")  # fmt: skip
+
+
+def test_xcit_shard_writes_a_folder_as_shards_that_webdataset_and_training_read(tmp_path, capsys):
+    import webdataset as wds
+
+    from .test_data import add_bad_files, make_folder
+
+    root = make_folder(tmp_path / "ds")
+    add_bad_files(root)  # copied byte for byte: still found (and counted) when read
+    out = tmp_path / "shards"
+    assert main(["shard", str(root), str(out), "--max-size", "4KB"]) == 0
+    assert json.loads((out / "classes.json").read_text()) == ["a", "b", "c"]
+    tars = sorted((out / "train").glob("train-*.tar"))
+    assert len(tars) > 2  # a new shard once one reaches --max-size
+    folder, _ = build_datasets(cfg_for(root))
+    shards, val = build_datasets(cfg_for(out))
+    assert shards.classes == folder.classes and len(val) == 9
+    by_path = {}
+    for sample in wds.WebDataset([str(t) for t in tars], shardshuffle=False):  # webdataset's own reader
+        path = json.loads(sample["json"])["path"]
+        by_path[path] = (int(sample["cls"]), next(v for k, v in sample.items() if k in ("jpg", "png")))
+    assert len(by_path) == len(folder) == len(shards)
+    for path, label in folder.samples:
+        rel = str(Path(path).relative_to(root / "train"))
+        assert by_path[rel][0] == label and by_path[rel][1] == Path(path).read_bytes(), rel
+    names = [shards.source.name(i) for i in range(len(shards))]
+    bad = [i for i, n in enumerate(names) if shards.source.sizes[i] in (0, 260)]  # zero.jpg, garbage.jpg
+    assert len(bad) == 2 and all(shards[i][2] for i in bad)  # replaced by the next good image, and named
+    assert main(["shard", str(root), str(tmp_path / "x"), "--max-size", "lots"]) == 2
+    assert "bad size 'lots'" in capsys.readouterr().err

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "attention": ("xcit.commands.attention", "class-attention and channel-attention maps as PNG overlays"),
     "convert": ("xcit.commands.convert", "convert weights between official, timm, MindCV and safetensors"),
     "export": ("xcit.commands.export", "export to ONNX, TorchScript or torch.export"),
+    "shard": ("xcit.commands.shard", "write an ImageFolder as WebDataset tar shards"),
     "benchmark": ("xcit.commands.benchmark", "throughput, memory and GMACs, optionally against timm"),
 }
 

@@ -27,7 +27,7 @@ import numpy as np
 from .imageio import decode_rgb
 from .readers import Listing
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "pgm", "tif", "tiff", "jfif", "gif")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _FDS: dict[str, int] = {}  # open shard files of this process
 _FDS_PID = [os.getpid()]
@@ -152,3 +152,40 @@ def list_shards(shards: list[Path]) -> dict[str, object]:
                          np.asarray(offsets, dtype=np.int64), np.asarray(sizes, dtype=np.int64), encode_paths(keys),
                          targets)  # fmt: skip
     return {"source": source, "listing": listing}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing: xcit shard
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """``1GB``, ``500MB``, ``64KiB`` or a byte count -> bytes (decimal units for B/KB/MB/GB, binary for KiB...)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if m is None or m.group(2).upper() not in units or float(m.group(1)) <= 0:
+        raise ValueError(f"bad size {text!r}: give bytes or a number with B, KB, MB, GB, TB, KiB, MiB, GiB")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
+
+
+def write_shards(source, out_dir: Path, split: str, max_size: int, seed: int = 0, progress: bool = True) -> dict:
+    """Write ``source`` (an ImageFolder split) as ``out_dir/<split>/<split>-NNNNNN.tar`` with webdataset's
+    ``ShardWriter``: each sample is the original file's bytes under its extension, its label as ``cls`` and its
+    path as ``json``, in a seeded random order (streaming readers such as timm's read shards in sequence and only
+    shuffle within a buffer). Returns the split's counts."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(source))
+    pattern = str(out_dir / split / f"{split}-%06d.tar")
+    with wds.ShardWriter(pattern, maxsize=max_size, maxcount=10**9, verbose=0) as sink:
+        for n, i in enumerate(tqdm(order, desc=f"shard {split}", unit="img", disable=None if progress else True)):
+            rel = source.paths[i].decode()
+            ext = os.path.splitext(rel)[1].lower().lstrip(".") or "jpg"
+            data = Path(source.path(i)).read_bytes()
+            sink.write({"__key__": f"{split}_{n:08d}", ext: data, "cls": int(source.targets[i]),
+                        "json": {"path": rel}})  # fmt: skip
+        shards = sink.shard
+    return {"split": split, "images": len(source), "shards": shards}
