@@ -318,3 +318,37 @@ def test_config_errors_surface_before_training(tmp_path):
     cfg, _ = load_config(["--data_dir", str(root), *TINY, *FAST, "--num_classes", "2"])
     with pytest.raises(ConfigError, match="num_classes 2 is smaller than the 3 classes"):
         fit(cfg)
+
+
+@pytest.mark.slow
+def test_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    """Resuming (from a named checkpoint, or the newest one by recorded progress) reads the checkpoint's bytes once:
+    one full torch.load and one checksum pass, where it used to be two loads and up to three checksum passes."""
+    import xcit.checkpoint as ckpt_mod
+
+    data = write_digits(tmp_path / "digits", classes=3, per_class=6)
+    recipe = [*TINY, *FAST, "--data_dir", str(data), "--batch_size", "6", "--val_while_train", "False"]
+    recipe += ["--ckpt_save_dir", str(tmp_path / "out")]
+    fit(*load_config([*recipe, "--epoch_size", "1"]))
+    first = (tmp_path / "out" / "ckpt_e0001.pth").resolve()
+    loads, digests = [], []
+    real_load, real_digest = torch.load, ckpt_mod._digest
+
+    def load(f, *args, **kwargs):
+        if not kwargs.get("mmap") and Path(getattr(f, "name", f)).resolve() == first:
+            loads.append(f)
+        return real_load(f, *args, **kwargs)
+
+    def digest(f, length):
+        if Path(f.name).resolve() == first:
+            digests.append(length)
+        return real_digest(f, length)
+
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(ckpt_mod, "_digest", digest)
+    for epochs, how in (("2", str(first)), ("3", "auto")):
+        loads.clear(), digests.clear()
+        if how == "auto":
+            (tmp_path / "out" / "ckpt_e0002.pth").unlink()  # the newest by progress is ckpt_e0001 again
+        fit(*load_config([*recipe, "--epoch_size", epochs, "--resume", how]))
+        assert (len(loads), len(digests)) == (1, 1), how

@@ -272,14 +272,7 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pth") -> P
     Corrupt, unsealed or unreadable files are reported and skipped, so a crash or bit rot in the last checkpoint
     falls back to the previous good one. Files' modification times play no part.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    files = _newest_first(directory, pattern)
-    for p, _ in (f for f in files if f[1] is None):
-        log.warning("skipping checkpoint %s: no recorded (epoch, step) (unreadable, truncated or not written by "
-                    "xcit train)", p)  # fmt: skip
-    for p, _ in (f for f in files if f[1] is not None):
+    for p in _candidates(directory, pattern):
         try:
             ok = verify_checkpoint(p)
         except OSError as e:
@@ -290,6 +283,31 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pth") -> P
         why = "checksum mismatch" if ok is False else "no checksum (truncated or not written by xcit)"
         log.warning("skipping corrupt checkpoint %s: %s; falling back to an older one", p, why)
     return None
+
+
+def load_latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pth") -> tuple[Path, dict] | None:
+    """:func:`latest_checkpoint` and :func:`load_checkpoint` in one read of the chosen file: ``(path, state)`` of
+    the sealed checkpoint with the greatest recorded (epoch, step), or ``None``. Bad files are reported and
+    skipped, as there."""
+    for p in _candidates(directory, pattern):
+        try:
+            return p, load_checkpoint(p, require_checksum=True)
+        except (OSError, CheckpointError) as e:
+            log.warning("skipping corrupt checkpoint %s: %s; falling back to an older one", p,
+                        str(e).removeprefix(f"{p}: "))  # fmt: skip
+    return None
+
+
+def _candidates(directory: str | os.PathLike, pattern: str) -> list[Path]:
+    """The checkpoints recording progress, the greatest first; the others are reported."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    files = _newest_first(directory, pattern)
+    for p, _ in (f for f in files if f[1] is None):
+        log.warning("skipping checkpoint %s: no recorded (epoch, step) (unreadable, truncated or not written by "
+                    "xcit train)", p)  # fmt: skip
+    return [p for p, progress in files if progress is not None]
 
 
 def prune_checkpoints(directory: str | os.PathLike, keep: int, pattern: str = "*.pth") -> list[Path]:

@@ -36,6 +36,7 @@ from .checkpoint import (
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -156,9 +157,9 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
 
     # -- resume --------------------------------------------------------------------------------------------------
     state, rng = TrainState(), None
-    resume_from = _resume_path(cfg, out)
+    resume_from = _resume_point(cfg, out)
     if resume_from is not None:
-        state, rng = restore(resume_from, cfg, classes, model, ema, optimizer, schedule, scaler, loader.sampler)
+        state, rng = restore(*resume_from, cfg, classes, model, ema, optimizer, schedule, scaler, loader.sampler)
     if world.is_main:
         _banner(cfg, world, model, len(train_set), len(val_set or []), classes, steps_per_epoch, lr, amp_dtype)
         save_config(cfg, out / "config.yaml", header=f"resolved config of this run ({cfg.model})")
@@ -433,27 +434,29 @@ def checkpoint_state(
     }
 
 
-def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
+def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path, dict | None] | None:
+    """The checkpoint to resume from, and its contents when choosing it meant reading it (``resume auto``)."""
     restarts = elastic_restart_count()  # torchrun --max_restarts: a restarted job resumes by itself
     if cfg.resume == "auto" or restarts:
-        path = latest_checkpoint(out, CKPT_PATTERN)
-        if path is not None or cfg.resume == "auto":
+        found = load_latest_checkpoint(out, CKPT_PATTERN)
+        if found is not None or cfg.resume == "auto":
             why = f"torchrun restart {restarts}" if restarts else "resume auto"
-            log.info("%s: %s", why, path or f"no checkpoint in {out}, starting from scratch")
-            return path
+            log.info("%s: %s", why, found[0] if found else f"no checkpoint in {out}, starting from scratch")
+            return found
     if cfg.resume:
-        return Path(cfg.resume)
+        return Path(cfg.resume), None
     if cfg.ckpt_path and cfg.resume_opt:
-        return Path(cfg.ckpt_path)
+        return Path(cfg.ckpt_path), None
     return None
 
 
 def restore(
-    path: Path, cfg: TrainConfig, classes, model, ema, optimizer, schedule, scaler, sampler
+    path: Path, ckpt: dict | None, cfg: TrainConfig, classes, model, ema, optimizer, schedule, scaler, sampler
 ) -> tuple[TrainState, list | None]:
-    """Load a full checkpoint into the run's objects. Returns the state and the saved RNG states (restored by the
-    caller once setup is over). A checkpoint of another model or class list is refused."""
-    ckpt = load_checkpoint(path)
+    """Load a full checkpoint (``ckpt``, or read from ``path``) into the run's objects. Returns the state and the
+    saved RNG states (restored by the caller once setup is over). A checkpoint of another model or class list is
+    refused."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     if ckpt.get("arch") != cfg.model or list(ckpt.get("classes") or classes) != list(classes):
         raise ConfigError(
             f"{path} was trained as {ckpt.get('arch')!r} on {len(ckpt.get('classes') or [])} classes; this run is "
