@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from xcit.config import load_config
-from xcit.data import Criterion, DataError, build_datasets, mixup_fn, train_loader, val_loader
+from xcit.data import DataError, build_datasets, mixup_fn, train_loader, val_loader
 from xcit.demo import write_digits
+from xcit.losses import Criterion
 
 
 def make_folder(root: Path, classes=("a", "b", "c"), per_class: int = 6, size: int = 20, seed: int = 0) -> Path:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import xcit
 from xcit.checkpoint import load_checkpoint
 from xcit.config import ConfigError, load_config
-from xcit.data import Criterion
 from xcit.demo import write_digits
-from xcit.distill import DistillationLoss, build_teacher
+from xcit.distill import build_teacher
+from xcit.losses import Criterion, DistillationLoss
 from xcit.train import fit
 from xcit.weights import WeightsError
 

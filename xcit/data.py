@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
@@ -296,37 +294,6 @@ def mixup_fn(cfg: TrainConfig, num_classes: int):
         label_smoothing=cfg.label_smoothing,
         num_classes=num_classes,
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """Training loss over a batch. Soft targets (from mixup) use soft-target cross-entropy (timm's
-    ``SoftTargetCrossEntropy``, which already holds the smoothing); hard targets use cross-entropy with
-    ``label_smoothing``; ``BCE`` uses sigmoid cross-entropy on (smoothed) one-hot targets, averaged over classes."""
-
-    kind: str = "CE"
-    label_smoothing: float = 0.0
-    reduction: str = "mean"
-
-    def __call__(self, logits: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """``inputs`` (the images) is unused here; :class:`xcit.distill.DistillationLoss` takes the same call."""
-        logits = logits.float()
-        k = logits.shape[-1]
-        if self.kind == "BCE":
-            if target.ndim == 1:
-                off = self.label_smoothing / k
-                target = torch.full_like(logits, off).scatter_(1, target[:, None], 1.0 - self.label_smoothing + off)
-            per = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
-        elif target.ndim == 2:
-            per = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1)
-        else:
-            per = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing, reduction="none")
-        return per.sum() if self.reduction == "sum" else per.mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -42,11 +42,12 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, TrainConfig, check_training, notices, save_config
-from .data import Criterion, build_datasets, mixup_fn, train_loader, train_subset, val_loader
-from .distill import DistillationLoss, build_teacher
+from .data import build_datasets, mixup_fn, train_loader, train_subset, val_loader
+from .distill import build_teacher
 from .ema import ModelEma, describe_ema
 from .evaluate import evaluate
 from .logging_utils import MetricsLog, setup_logging, step_log
+from .losses import Criterion, DistillationLoss
 from .optim import LRSchedule, create_optimizer, param_groups
 from .precision import amp_setup, autocast
 from .preemption import Preempted, StopSignal, elastic_restart_count
