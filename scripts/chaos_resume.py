@@ -1,6 +1,7 @@
 """Kill a training run with SIGKILL at random moments, resume it each time, and compare with an uninterrupted run.
 
     python scripts/chaos_resume.py --kills 10 --seed 0
+    python scripts/chaos_resume.py --kills 12 --shards     # the same on WebDataset shards (xcit shard)
     python scripts/chaos_resume.py --elastic --kills 5 --max_restarts 3 --seed 0
 
 Both runs train a tiny XCiT on CPU on a small ImageFolder (scikit-learn's digits, written to disk) with every
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     p.add_argument("--elastic", action="store_true", help="2 gloo ranks under torchrun; kill one rank at a time")
     p.add_argument("--max_restarts", type=int, default=3, help="torchrun --max_restarts of --elastic (default 3)")
+    p.add_argument("--shards", action="store_true", help="train on WebDataset shards of the data (xcit shard)")
     a = p.parse_args(argv)
 
     from xcit.demo import write_digits
@@ -244,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     work = a.workdir or Path(tempfile.mkdtemp(prefix="xcit-chaos-"))
     a.epochs = a.epochs or max(3, math.ceil(a.kills * 4 / 20) + 1)  # 20 steps per epoch, <= 4 steps per kill
     data = write_digits(work / "digits", classes=4, per_class=50)
+    if a.shards:  # the same images as tar shards, read by random access (xcit.shards)
+        from xcit.commands.shard import main as shard
+
+        if shard([str(data), str(work / "digits-wds"), "--max-size", "16KB"]) != 0:
+            return 2
+        data = work / "digits-wds"
     ref_dir, chaos_dir = work / "uninterrupted", work / "interrupted"
     for d in (ref_dir, chaos_dir):
         for f in d.glob("*.pth"):

@@ -191,3 +191,14 @@ def test_xcit_shard_writes_a_folder_as_shards_that_webdataset_and_training_read(
     assert len(bad) == 2 and all(shards[i][2] for i in bad)  # replaced by the next good image, and named
     assert main(["shard", str(root), str(tmp_path / "x"), "--max-size", "lots"]) == 2
     assert "bad size 'lots'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_data_benchmark_times_every_format_beside_timm(tmp_path):
+    from xcit import benchmark as B
+    from xcit.bench_formats import bench_formats
+
+    folder = B.write_jpegs(tmp_path / "jpegs", n=3, size=(80, 60))
+    res = bench_formats(folder, tmp_path / "work", rounds=1)
+    assert res["images"] == 3 and set(res["ratio_to_timm"]) == {"folder", "wds", "hf"}
+    assert all(res[k]["img_per_s"] > 0 for k in ("folder", "wds", "hf", "timm"))

@@ -116,6 +116,24 @@ def report(res: dict) -> None:
             )
 
 
+def formats(folder: str | Path, rounds: int, max_busy: float | None) -> dict | None:
+    """The same images read as a folder, as WebDataset shards and as a Hugging Face dataset, beside timm's loader."""
+    import importlib.util
+    import tempfile
+
+    if not all(importlib.util.find_spec(m) for m in ("webdataset", "datasets")):
+        print("  (per-format timing needs the data extra: pip install -e '.[data]')")
+        return None
+    from ..bench_formats import bench_formats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        res = bench_formats(folder, tmp, rounds=rounds, max_busy=max_busy)
+    print("  per format (read + decode + transform, one worker): " + ", ".join(
+        f"{k} {res[k]['img_per_s']:.1f} img/s ({res['ratio_to_timm'][k]:.3f}x timm)" for k in res["ratio_to_timm"]
+    ) + f"; timm's loader on the folder {res['timm']['img_per_s']:.1f} img/s")  # fmt: skip
+    return res
+
+
 def report_sweep(res: dict) -> None:
     print(f"resolution sweep, {res['precision']}, ~{res['tokens_per_call']} tokens per call")
     ref = {p["img_size"]: p for p in res["reference_points"]}
@@ -173,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {res['ours']['transform_ms']:.2f} ms),  timm {res['timm']['img_per_s']:.1f} img/s,"
             f"  ours/timm {res['ratio']:.3f}"
         )
+        results["data_formats"] = formats(folder, args.rounds, args.settle)
     elif args.agreement:
         size = args.img_size if args.img_size != 224 else None  # default: the checkpoint's own resolution
         res = agreement(args.agreement, args.model, args.pretrained, args.device, args.batch, size)
