@@ -2,6 +2,7 @@
 
     python scripts/bench_index.py --files 20000 --small 400 --repeats 5     # start-up added by a 20,000-file tree
     python scripts/bench_index.py --synthetic 1300000                       # ImageNet-sized index: time and memory
+    python scripts/bench_index.py --shards --files 20000                    # xcit shard's speed, the shard index
 
 Tree mode writes two trees of small JPEGs in 100 class folders (``--files`` and ``--small`` images) and times, each
 in a fresh Python process (warm page cache, as for a job that starts on a file system it has just read), building
@@ -128,12 +129,34 @@ def synthetic_mode(n: int, workdir: Path) -> dict:
             "load_s": read, "pickle_mib": len(blob) / 2**20, "pickle_s": pickled}  # fmt: skip
 
 
+def shards_mode(workdir: Path, files: int) -> dict:
+    """``xcit shard``'s writing speed and the shard index's build time on the ``--files`` tree (one process)."""
+    from xcit.readers import list_folder
+    from xcit.shards import list_shards, write_shards
+
+    tree = write_tree(workdir / f"tree{files}", files)
+    source, _ = list_folder(tree / "train")
+    out = workdir / f"wds{files}"
+    t = time.perf_counter()
+    write_shards(source, out, "train", max_size=64 * 2**20, progress=False)
+    written = time.perf_counter() - t
+    tars = sorted((out / "train").glob("*.tar"))
+    t = time.perf_counter()
+    index = list_shards(tars)["source"]
+    indexed = time.perf_counter() - t
+    mb = sum(p.stat().st_size for p in tars) / 1e6
+    return {"images": len(index), "shards": len(tars), "shard_mb": mb, "write_s": written,
+            "write_img_per_s": files / written, "write_mb_per_s": mb / written, "index_s": indexed,
+            "index_samples_per_s": files / indexed}  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=20000)
     p.add_argument("--small", type=int, default=400)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--synthetic", type=int, default=None, metavar="N", help="index N generated paths instead")
+    p.add_argument("--shards", action="store_true", help="time xcit shard and the shard index on the --files tree")
     p.add_argument("--workdir", type=Path, default=None, help="keep the trees here (default: a temporary folder)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,6 +164,8 @@ def main() -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         if args.synthetic:
             result = synthetic_mode(args.synthetic, workdir)
+        elif args.shards:
+            result = shards_mode(workdir, args.files)
         else:
             result = tree_mode(workdir, args.files, args.small, args.repeats)
     print(json.dumps(result, indent=2))

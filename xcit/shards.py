@@ -7,10 +7,12 @@ split (``val`` also finds ``validation``). Each sample is a ``__key__`` with an 
 path up to the first dot of its file name, the extension the rest.
 
 The index holds, per sample, the shard, the image member's byte offset and size and the label, found by reading
-the tar headers (and the few bytes of each ``cls``) once, on rank 0 (:mod:`xcit.index_cache`). Item ``i`` is then
-one ``pread`` of its bytes, so :class:`xcit.sampler.ResumableSampler`'s order, the per-sample augmentation seeds
-and bit-identical mid-epoch resume hold exactly as for folders. Class names come from ``classes.json`` beside the
-shards (``xcit shard`` writes it), else ``_info.json``'s ``classes``, else the labels as strings.
+the tar headers (and the few bytes of each ``cls``) once, on rank 0 (:mod:`xcit.index_cache`), with a small
+header parser (:func:`tar_members`; ``tarfile`` is ten times slower on the pax headers webdataset writes). Item
+``i`` is then one ``pread`` of its bytes, so :class:`xcit.sampler.ResumableSampler`'s order, the per-sample
+augmentation seeds and bit-identical mid-epoch resume hold exactly as for folders. Class names come from
+``classes.json`` beside the shards (``xcit shard`` writes it), else ``_info.json``'s ``classes``, else the labels
+as strings.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,20 +70,74 @@ def shards_key(shards: list[Path]) -> dict:
     return {"version": 1, "kind": "wds", "split": os.path.commonpath([str(p.parent) for p in shards]), "files": stats}
 
 
+def _number(field: bytes) -> int:
+    """A tar header number: octal text, or base-256 when the top bit is set (GNU, for sizes of 8 GiB and more)."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return int(field.strip(b"\0 ") or b"0", 8)
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """POSIX pax extended-header records (``"%d %s=%s\\n"``), as webdataset's writer emits for every member."""
+    out, i = {}, 0
+    while i < len(data):
+        space = data.index(b" ", i)
+        length = int(data[i:space])
+        key, _, value = data[space + 1 : i + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "replace")
+        i += length
+    return out
+
+
+def tar_members(path: Path):
+    """``(name, data offset, size)`` of every regular file in an uncompressed tar, from its headers alone: one
+    ``pread`` per header (about 10x faster than ``tarfile`` on webdataset's pax headers). Handles ustar prefixes,
+    pax ``path``/``size`` records and GNU long names."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end, off, pax, long_name = os.fstat(fd).st_size, 0, {}, None
+        while off + 512 <= end:
+            h = os.pread(fd, 512, off)
+            if not h.strip(b"\0"):
+                break  # the end-of-archive zero blocks
+            size, kind, data = _number(h[124:136]), h[156:157], off + 512
+            if kind in (b"x", b"L", b"g"):
+                body = os.pread(fd, size, data)
+                if kind == b"x":
+                    pax = _pax(body)
+                elif kind == b"L":
+                    long_name = body.rstrip(b"\0").decode("utf-8", "replace")
+                off = data + (size + 511) // 512 * 512
+                continue
+            size = int(pax.get("size", size))
+            prefix = h[345:500].split(b"\0", 1)[0] if h[257:262] == b"ustar" else b""
+            name = h[:100].split(b"\0", 1)[0]
+            name = (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+            if kind in (b"0", b"\0", b"7"):
+                yield pax.get("path") or long_name or name, data, size
+            pax, long_name = {}, None
+            off = data + (size + 511) // 512 * 512
+    finally:
+        os.close(fd)
+
+
 def _index_shard(path: Path, listing: Listing) -> tuple[list[str], list[int], list[int], list[int]]:
     """``(keys, offsets, sizes, labels)`` of the complete samples of one shard."""
     samples: dict[str, dict] = {}
-    with tarfile.open(path, "r:") as tf:
-        for m in tf:
-            match = _KEY_EXT.match(m.name) if m.isfile() else None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, offset, size in tar_members(path):
+            match = _KEY_EXT.match(name)
             if match is None:
                 continue
             key, ext = match.group(1), match.group(2).lower()
             s = samples.setdefault(key, {})
             if ext in IMAGE_EXTS and "image" not in s:
-                s["image"] = (m.offset_data, m.size, ext)
+                s["image"] = (offset, size, ext)
             elif ext == "cls":
-                s["cls"] = tf.extractfile(m).read()
+                s["cls"] = os.pread(fd, min(size, 64), offset)
+    finally:
+        os.close(fd)
     keys, offsets, sizes, labels = [], [], [], []
     for key, s in samples.items():
         try:
