@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from xcit import bench_data as D
+from xcit import bench_sweep as S
 from xcit import benchmark as B
 from xcit.cli import main
 
@@ -124,20 +126,20 @@ def test_gemm_time_times_fused_kernels_without_their_gelu():
 
 def test_sweep_and_plot(tmp_path):
     pytest.importorskip("timm")
-    res = B.sweep(NANO, sizes=[32, 128], iters=1, batch=1, **TINY)
+    res = S.sweep(NANO, sizes=[32, 128], iters=1, batch=1, **TINY)
     assert [p["tokens"] for p in res["ours"]] == [4, 64] and [p["tokens"] for p in res["reference_points"]] == [4, 64]
     for p in res["ours"] + res["reference_points"]:
         assert _finite_positive(p["ms_per_image"]) and _finite_positive(p["peak_memory_mib_per_image"])
     assert res["scaling"]["tokens_ratio"] == 16 and _finite_positive(res["scaling"]["time_ratio"])
-    png = B.plot_sweep(res, tmp_path / "sweep.png")
+    png = S.plot_sweep(res, tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_data_pipeline_bench(tmp_path):
     pytest.importorskip("timm")
-    folder = B.write_jpegs(tmp_path / "jpegs", n=3, size=(80, 60))
+    folder = D.write_jpegs(tmp_path / "jpegs", n=3, size=(80, 60))
     assert len(list(folder.glob("*/*.jpg"))) == 3
-    res = B.bench_data(folder, rounds=2)
+    res = D.bench_data(folder, rounds=2)
     assert res["images"] == 3 and res["recipe"]["auto_augment"] == "randaug-m9-mstd0.5-inc1"
     for k in ("ours", "timm"):
         assert _finite_positive(res[k]["img_per_s"])

@@ -17,15 +17,14 @@ Everything here measures; nothing is assumed:
 * **GEMMs alone.** For inference, every matmul and convolution of one eager batch is timed again on its own
   (see :func:`gemm_time`): the sum bounds the batch time from below at this library's GEMM speed, and the share
   of a measured batch it makes says how much time goes elsewhere (norms, softmax, GELU, copies).
-* **Resolution sweep.** Time per image and peak memory against the token count, for XCiT and for timm's
-  token-attention ``deit_tiny_patch16_224``, with a PNG plot. Batches shrink with resolution so that every point
-  processes about the same number of tokens per call.
-* **Data pipeline.** JPEG decode plus the training transform, in images/s for one worker (see :func:`bench_data`).
+
+The resolution sweep is in :mod:`xcit.bench_sweep`, the data pipeline's speed in :mod:`xcit.bench_data`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -41,7 +40,6 @@ from torch import nn
 from .precision import PRECISIONS, autocast
 
 MODES = ("infer", "train")
-DEIT = "deit_tiny_patch16_224"  # timm's token-attention baseline for the resolution sweep
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -63,8 +61,10 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best GFLOP/s of an ``n x n`` GEMM in ``dtype`` (``2 n^3`` FLOPs per call) over ``reps`` calls."""
+@functools.cache  # once per process: every configuration of a run sees the same peak
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int | None = None, reps: int = 5) -> float:
+    """Best GFLOP/s of an ``n x n`` GEMM in ``dtype`` (``2 n^3`` FLOPs per call, n 2048 on CPU, 8192 on a GPU)."""
+    n = n or (8192 if device.type == "cuda" else 2048)  # a 2048 GEMM takes microseconds on a GPU: launch-bound
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -364,8 +364,9 @@ def build_pair(
     return models
 
 
-def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
-    return torch.compile(model) if enabled else model
+def maybe_compile(model: nn.Module, enabled: bool | str) -> nn.Module:
+    """``torch.compile`` with inductor for True, with the backend named by a string (e.g. "eager"), else as is."""
+    return torch.compile(model, backend=enabled if isinstance(enabled, str) else "inductor") if enabled else model
 
 
 def machine() -> dict:
@@ -399,7 +400,7 @@ def bench_mode(
     mode: str,
     x: torch.Tensor,
     dtype: torch.dtype | None,
-    compile_: bool,
+    compile_: bool | str,
     warmup: int,
     rounds: int,
     iters: int,
@@ -451,7 +452,7 @@ def run(
     batch: int = 16,
     img_size: int = 224,
     precision: str = "fp32",
-    compile_: bool = False,
+    compile_: bool | str = False,  # True: inductor; a string: that torch.compile backend
     modes: tuple[str, ...] = MODES,
     compare: str | None = None,
     device: str = "cpu",
@@ -491,269 +492,3 @@ def run(
             result["infer"][k]["gemm_only"] = gemm_time(m, x, dtype)
     add_efficiency(result, flops, peaks, precision)
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Resolution sweep
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def sweep_sizes(name: str, patch: int) -> list[int]:
-    """224 up to 1024 (2048 for nano), including 896 = 16x the tokens of 224."""
-    sizes = [224, 320, 448, 640, 896, 1024]
-    if "nano" in name:
-        sizes += [1536, 2048]
-    return [s for s in sizes if s % patch == 0]
-
-
-def sweep_point(
-    model: nn.Module,
-    size: int,
-    patch: int,
-    tokens_per_call: int,
-    dtype,
-    device,
-    iters: int,
-    memory: bool,
-    max_busy: float | None = None,
-) -> dict:
-    """Time per image and peak memory of one model at one resolution."""
-    tokens = (size // patch) ** 2
-    batch = max(1, round(tokens_per_call / tokens))
-    x = torch.randn(batch, 3, size, size, device=device)
-    step = infer_step(model, x, dtype)
-    step()
-    settle(max_busy)
-    times = [timed(step, device) for _ in range(iters)]
-    point = {"img_size": size, "tokens": tokens, "batch": batch, "ms_per_image": statistics.median(times) / batch * 1e3}
-    if memory:
-        point["peak_memory_mib"] = peak_memory_mib(step, device)
-        point["peak_memory_mib_per_image"] = point["peak_memory_mib"] / batch
-    return point
-
-
-def sweep(
-    name: str = "xcit_tiny_12_p16_224",
-    precision: str = "fp32",
-    device: str = "cpu",
-    batch: int = 16,
-    iters: int = 3,
-    sizes: list[int] | None = None,
-    deit_max: int = 1024,
-    memory: bool = True,
-    max_busy: float | None = None,
-    **overrides,
-) -> dict:
-    """XCiT and DeiT-Tiny from 224 up: time per image and peak memory against tokens."""
-    import timm
-
-    import xcit
-
-    dev, dtype = torch.device(device), PRECISIONS[precision]
-    ours = xcit.create_model(name, **overrides).to(dev)
-    sizes = sizes or sweep_sizes(name, ours.patch_size)
-    tokens_per_call = batch * (224 // ours.patch_size) ** 2
-    out: dict = {"model": name, "reference": DEIT, "precision": precision, "tokens_per_call": tokens_per_call}
-    opts = dict(tokens_per_call=tokens_per_call, dtype=dtype, device=dev, iters=iters, memory=memory, max_busy=max_busy)
-    out["ours"], out["reference_points"] = [], []
-    for s in sizes:  # the two models take turns at every size, so drifting load hits both
-        out["ours"].append(sweep_point(ours, s, ours.patch_size, **opts))
-        if s <= deit_max:  # DeiT's attention is quadratic: beyond this it takes minutes per image
-            deit = timm.create_model(DEIT, img_size=s).to(dev)  # learned position table resized to the grid
-            out["reference_points"].append(sweep_point(deit, s, 16, **opts))
-    out["scaling"] = scaling(out["ours"]) | {"reference": scaling(out["reference_points"])}
-    return out
-
-
-def scaling(points: list[dict]) -> dict:
-    """Time-per-image growth at 16x the tokens of the first point (224 -> 896 for patch 16)."""
-    base = points[0]
-    for p in points:
-        if p["tokens"] == 16 * base["tokens"]:
-            return {"tokens_ratio": 16, "time_ratio": p["ms_per_image"] / base["ms_per_image"]}
-    return {}
-
-
-def plot_sweep(result: dict, path: str | Path) -> Path:
-    """Two log-log panels, time per image and peak memory per image against tokens, with linear references."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = [
-        (result["model"], result["ours"], "tab:blue"),
-        (result["reference"], result["reference_points"], "tab:red"),
-    ]
-    for ax, key, label in zip(axes, ("ms_per_image", "peak_memory_mib_per_image"), ("ms / image", "peak MiB / image")):
-        for name, pts, colour in series:
-            pts = [p for p in pts if key in p]
-            if not pts:
-                continue
-            n = [p["tokens"] for p in pts]
-            ax.plot(n, [p[key] for p in pts], "o-", color=colour, label=name)
-        base = [p for p in result["ours"] if key in p]
-        if base:
-            n0, y0 = base[0]["tokens"], base[0][key]
-            n = [p["tokens"] for p in base]
-            ax.plot(n, [y0 * t / n0 for t in n], ":", color="gray", label="linear in tokens")
-            ax.plot(n, [y0 * (t / n0) ** 2 for t in n], "--", color="lightgray", label="quadratic in tokens")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ticks = [p["tokens"] for p in result["ours"]]
-        labels = [f"{t}\n{p['img_size']}px" for t, p in zip(ticks, result["ours"])]
-        ax.set_xticks(ticks, labels, fontsize=7, rotation=45 if len(ticks) > 6 else 0)
-        ax.minorticks_off()
-        ax.set_xlabel("tokens per image (resolution)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(
-        f"{result['model']} vs {result['reference']}, {result['precision']}, {torch.get_num_threads()} threads"
-    )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Data pipeline
-# ----------------------------------------------------------------------------------------------------------------------
-
-RECIPE = {  # the official training recipe's augmentation (paper / main.py), MindCV's xcit_tiny_12_p16 yaml keys
-    "image_resize": 224,
-    "auto_augment": "randaug-m9-mstd0.5-inc1",
-    "re_prob": 0.25,
-    "re_value": "pixel",
-    "color_jitter": 0.4,
-    "hflip": 0.5,
-    "interpolation": "bicubic",
-}
-
-
-def default_jpeg_dir() -> Path:
-    """Where generated benchmark JPEGs live: ``$XCIT_CACHE/bench_jpegs`` (default ``~/.cache/xcit``)."""
-    from .demo import cache_dir
-
-    return cache_dir() / "bench_jpegs"
-
-
-def write_jpegs(root: str | Path, n: int = 64, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
-    """``n`` distinct natural JPEGs (ImageNet's typical 500x375) cut from scikit-learn's two sample photos."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    root = Path(root)
-    if len(list(root.glob("*/*.jpg"))) >= n:
-        return root
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    photos = [Image.fromarray(a) for a in load_sample_images().images]  # 427x640 each
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        im = photos[i % len(photos)]
-        w, h = im.size
-        cw, ch = int(rng.integers(w // 2, w + 1)), int(rng.integers(h // 2, h + 1))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = im.crop((x0, y0, x0 + cw, y0 + ch)).resize(size if i % 2 else size[::-1], Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        crop.save(root / "images" / f"{i:04d}.jpg", quality=90)
-    return root
-
-
-def timm_pipeline(recipe: dict) -> tuple[Callable, Callable]:
-    """timm's loader and ``create_transform`` for ``recipe``, the reference."""
-    from PIL import Image
-    from timm.data import create_transform
-
-    def load(path: Path):
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-
-    transform = create_transform(
-        recipe["image_resize"],
-        is_training=True,
-        auto_augment=recipe["auto_augment"].replace("randaug", "rand"),
-        color_jitter=recipe["color_jitter"],
-        hflip=recipe["hflip"],
-        re_prob=recipe["re_prob"],
-        re_mode=recipe["re_value"],
-        interpolation=recipe["interpolation"],
-    )
-    return load, transform
-
-
-def our_pipeline(recipe: dict) -> tuple[Callable, Callable]:
-    """The loader and training transform ``xcit train`` uses for ``recipe``."""
-    from .config import TrainConfig
-    from .data import train_transform
-    from .imageio import load_rgb
-
-    return load_rgb, train_transform(TrainConfig(**recipe))
-
-
-def _transform_retrying(transform: Callable, img) -> int:
-    """Apply ``transform``, drawing again after a ``ValueError``; returns how many draws failed. Stock timm's
-    RandAugment can ask Pillow >= 11 to posterize to 0 bits (about 1 image in 550 with ``rand-m9-mstd0.5-inc1``),
-    which raises; ``xcit.data`` patches that op, the reference pipeline is timed as shipped."""
-    for failed in range(10):
-        try:
-            transform(img)
-            return failed
-        except ValueError:
-            continue
-    raise RuntimeError("the transform failed 10 times in a row")
-
-
-def bench_data(
-    folder: str | Path,
-    rounds: int = 5,
-    recipe: dict | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-    max_busy: float | None = None,
-) -> dict:
-    """Decode + training transform, images/s in this one process (= per data-loader worker), ours vs timm.
-
-    The two pipelines take turns over the same files, round after round, with the same seeds; the per-stage
-    split of our pipeline (decode, transform) says where the time goes.
-    """
-    import random
-
-    import numpy as np
-
-    recipe = {**RECIPE, **(recipe or {})}
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:limit]
-    if not files:
-        raise FileNotFoundError(f"no JPEG files under {folder}")
-    pipes = {"ours": our_pipeline(recipe), "timm": timm_pipeline(recipe)}
-    times: dict[str, list[float]] = {k: [] for k in pipes}
-    errors = dict.fromkeys(pipes, 0)
-    decode: list[float] = []
-    for r in range(rounds):
-        settle(max_busy)
-        for k in pipes if r % 2 == 0 else list(pipes)[::-1]:
-            load, transform = pipes[k]
-            random.seed(seed + r)  # RandAugment draws from python's and numpy's generators, erasing from torch's
-            np.random.seed(seed + r)
-            torch.manual_seed(seed + r)
-            t = time.perf_counter()
-            for f in files:
-                errors[k] += _transform_retrying(transform, load(f))
-            times[k].append((time.perf_counter() - t) / len(files))
-        t = time.perf_counter()
-        for f in files:
-            pipes["ours"][0](f)
-        decode.append((time.perf_counter() - t) / len(files))
-    out = {"folder": str(folder), "images": len(files), "recipe": recipe}
-    for k, ts in times.items():
-        out[k] = {"img_per_s": 1 / statistics.median(ts), "round_img_per_s": [1 / t for t in ts], "errors": errors[k]}
-    out["ours"]["decode_ms"] = statistics.median(decode) * 1e3
-    out["ours"]["transform_ms"] = 1e3 / out["ours"]["img_per_s"] - out["ours"]["decode_ms"]
-    out["ratio"] = out["ours"]["img_per_s"] / out["timm"]["img_per_s"]
-    return out

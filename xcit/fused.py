@@ -8,7 +8,8 @@ wrapped in custom ops that both eager mode and ``torch.compile`` call as they ar
 
 Used only where it changes nothing but speed: on CPU, with no gradient to record, not while exporting or tracing
 (exported graphs keep standard ops), in fp32 or bf16 (explicit or autocast), and only if this build of torch
-has oneDNN's fused ops (checked once, with a call). In bf16 the kernels take bf16 copies of the fp32 weights, kept
+has oneDNN's fused ops (checked once, with a call), and where :func:`xcit.cpu.paths` chooses them for this CPU
+family. In bf16 the kernels take bf16 copies of the fp32 weights, kept
 per parameter until it changes in place or is freed (like autocast's own weight cache, but across calls).
 """
 
@@ -20,6 +21,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+from . import cpu
 
 __all__ = ["AVAILABLE", "compute_dtype", "conv_gelu", "linear_gelu"]
 
@@ -33,6 +36,8 @@ def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``w.to(dtype)``, cached per (tensor, dtype) and invalidated by any in-place change (the version counter)."""
     if w.dtype == dtype:
         return w
+    if not cpu.paths().cache_bf16_weights:  # chosen per CPU family (xcit.cpu)
+        return w.to(dtype)
     if w.is_inference() or not (w.is_leaf and w.requires_grad):  # parameters only, as autocast's cache: a computed
         return w.to(dtype)  # weight (BN folded in) is new at every call, and an inference tensor has no version
     key = (id(w), dtype)
@@ -129,7 +134,8 @@ def compute_dtype(x: torch.Tensor, *params: torch.Tensor) -> torch.dtype | None:
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if dtype not in (torch.float32, torch.bfloat16) or not AVAILABLE:
         return None
-    return dtype
+    chosen = cpu.paths()  # by CPU family (xcit.cpu): where the fused kernels are faster than GEMM + GELU
+    return dtype if (chosen.fused_gelu_fp32 if dtype == torch.float32 else chosen.fused_gelu_bf16) else None
 
 
 def linear_gelu(

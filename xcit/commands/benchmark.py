@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .. import bench_data as D
+from .. import bench_sweep as S
 from .. import benchmark as B
 from ..bench_checks import check, round_ratios, rounds_needed
 from ..options import Parser
@@ -182,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model = "xcit_tiny_12_p16_224"
     results: dict = {"command": "xcit benchmark " + shlex.join(sys.argv[2:] if argv is None else argv)}
     if args.data is not None:
-        folder = args.data or B.write_jpegs(B.default_jpeg_dir(), n=args.data_images)
-        res = B.bench_data(folder, rounds=args.rounds, max_busy=args.settle)
+        folder = args.data or D.write_jpegs(D.default_jpeg_dir(), n=args.data_images)
+        res = D.bench_data(folder, rounds=args.rounds, max_busy=args.settle)
         results["data"] = res
         print(f"data pipeline on {res['images']} JPEGs ({folder}), one worker:")
         print(
@@ -199,11 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{res['images']} images: top-1 " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res["top1"].items()))
         print("agreement with fp32: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res["agreement_with_fp32"].items()))
     elif args.sweep_resolution:
-        res = B.sweep(
+        res = S.sweep(
             args.model, args.precision, args.device, args.batch, args.iters, args.sizes, memory=args.memory,
             max_busy=args.settle,
         )  # fmt: skip
-        res["plot"] = str(B.plot_sweep(res, args.plot))
+        res["plot"] = str(S.plot_sweep(res, args.plot))
         results["sweep"] = res
         report_sweep(res)
         print(f"plot: {res['plot']}")
