@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .benchmark import infer_step, peak_memory_mib, settle, timed
-from .evaluate import PRECISIONS
+from .precision import PRECISIONS
 
 DEIT = "deit_tiny_patch16_224"  # timm's token-attention baseline for the resolution sweep
 

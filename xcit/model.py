@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import fused
+from . import cpu, fused
 from .arch import XCiTConfig
 
 
@@ -246,7 +246,7 @@ class XCA(nn.Module):
         """Per-head ``q^T k``: (B, N, C) x (B, N, C) -> (B, h, d, d), on strided views of the qkv output."""
         B, N, C = q.shape
         h = self.num_heads
-        if q.dtype == torch.float32 or not q.is_cpu:  # MKL, cuBLAS: one batched GEMM per head, no copies
+        if q.dtype == torch.float32 or not q.is_cpu or not cpu.paths().batched_heads_bf16:  # one GEMM per head
             qs, ks = q.view(B, N, h, -1).unbind(2), k.view(B, N, h, -1).unbind(2)
             return torch.stack([a.mT @ b for a, b in zip(qs, ks)], dim=1)
         # oneDNN (CPU bf16, fp16) copies each head's strided view: one GEMM batched over (B, h) is faster
@@ -286,7 +286,7 @@ class XCA(nn.Module):
             w_t, b = w_t * gamma, b * gamma
         # out[n, o] = sum_{h,i,j} Wp[o, (h, i)] attn[h, i, j] v[n, (h, j)]: mixing[(h, j), o] = (attn_h^T Wp_h^T)[j, o]
         attn_t, w_h = attn.to(v.dtype).mT, w_t.view(h, C // h, C)
-        if v.dtype == torch.float32 or not v.is_cpu:  # MKL, cuBLAS: the broadcast head weights, no copies
+        if v.dtype == torch.float32 or not v.is_cpu or not cpu.paths().batched_heads_bf16:  # broadcast weights
             mixing = (attn_t @ w_h).view(B, C, C)
         else:  # oneDNN: one GEMM per head over all images, (B d x d) @ (d x C), is faster than B h small ones
             mixing = torch.bmm(attn_t.transpose(0, 1).reshape(h, -1, C // h), w_h)  # (h, B d, C)

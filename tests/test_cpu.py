@@ -1,0 +1,125 @@
+"""CPU-family dispatch (``xcit.cpu``): detection, overrides, and every switch changing the path but not the values."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import xcit
+from xcit import cpu, fused
+
+needs_onednn = pytest.mark.skipif(not fused.AVAILABLE, reason="this torch build has no oneDNN fused ops")
+
+
+@pytest.mark.parametrize(
+    "capability, flags, want",
+    [
+        ("AVX512", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "amx"),  # Sapphire Rapids and later
+        ("AVX512", {"avx512f", "avx512_bf16"}, "avx512_bf16"),  # AMD EPYC Zen 4 / 5, Cooper Lake
+        ("AVX512", {"avx512f"}, "avx2"),  # Skylake-SP: AVX-512 without bf16
+        ("AVX2", {"avx2", "fma"}, "avx2"),
+        ("SVE256", {"sve", "bf16"}, "other"),  # ARM (Graviton 3)
+        ("DEFAULT", set(), "other"),
+    ],
+)
+def test_detect_family(capability, flags, want):
+    assert cpu.detect(capability, flags) == want
+
+
+def test_this_machine_is_detected_from_its_flags():
+    flags = cpu._flags()
+    got = cpu.detect()
+    assert got in cpu.FAMILIES
+    assert (got == "amx") == ("amx_tile" in flags or "amx_bf16" in flags)
+    if "amx_tile" not in flags and "avx512_bf16" in flags and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert got == "avx512_bf16"
+
+
+def test_parse_switches_and_its_errors():
+    assert cpu.parse_switches(" fused_gelu_bf16=0, batched_heads_bf16=on ,") == {
+        "fused_gelu_bf16": False,
+        "batched_heads_bf16": True,
+    }
+    with pytest.raises(ValueError, match="unknown switch 'fused_gelu'.*fused_gelu_bf16"):
+        cpu.parse_switches("fused_gelu=0")
+    with pytest.raises(ValueError, match="must be 0 or 1"):
+        cpu.parse_switches("fused_gelu_bf16=maybe")
+
+
+def _in_fresh_process(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=120
+    )
+
+
+def test_environment_overrides_family_and_switches():
+    code = "import dataclasses, xcit.cpu as c; print(c.family(), dataclasses.asdict(c.paths()))"
+    r = _in_fresh_process(code, XCIT_CPU_FAMILY="amx", XCIT_CPU_PATHS="fused_gelu_bf16=0")
+    assert r.returncode == 0, r.stderr
+    fam, _, rest = r.stdout.strip().partition(" ")
+    want = {**vars(cpu.CHOICES["amx"]), "fused_gelu_bf16": False}
+    assert fam == "amx" and eval(rest) == want
+    bad = _in_fresh_process("import xcit", XCIT_CPU_FAMILY="sparc")
+    assert bad.returncode != 0 and "XCIT_CPU_FAMILY must be one of amx, avx512_bf16, avx2, other" in bad.stderr
+
+
+def _ops(model, x, dtype):
+    """Names of the ops one inference call runs, and its output."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Names(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with torch.inference_mode(), torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None), Names():
+        out = model(x).float()
+    return seen, out
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "switch, dtype, op",
+    [
+        ("fused_gelu_fp32", None, "xcit.linear_gelu"),
+        ("fused_gelu_bf16", torch.bfloat16, "xcit.linear_gelu"),
+        ("batched_heads_bf16", torch.bfloat16, "aten.permute"),  # the (image, head)-batched q^T k
+    ],
+)
+def test_each_switch_changes_the_path_not_the_values(switch, dtype, op, tiny_kwargs):
+    from .conftest import perturb_
+
+    m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    try:
+        cpu.set_paths(**{switch: True})
+        on_ops, on = _ops(m, x, dtype)
+        cpu.set_paths(**{switch: False})
+        off_ops, off = _ops(m, x, dtype)
+    finally:
+        cpu.set_paths()
+    count = on_ops.count(op) - off_ops.count(op)
+    assert count > 0  # the switch took another path
+    tol = 1e-5 if dtype is None else 0.02 * on.abs().max().item()
+    assert (on - off).abs().max() <= tol
+
+
+@needs_onednn
+def test_weight_cache_switch(tiny_kwargs):
+    m = xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs).eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = len(fused._CASTS)
+    try:
+        cpu.set_paths(cache_bf16_weights=False)
+        _ops(m, x, torch.bfloat16)
+        assert len(fused._CASTS) == before
+        cpu.set_paths(cache_bf16_weights=True)
+        _ops(m, x, torch.bfloat16)
+        assert len(fused._CASTS) > before
+    finally:
+        cpu.set_paths()
+    assert cpu.paths() == cpu.default_paths()
