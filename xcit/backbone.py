@@ -13,6 +13,8 @@ multiple of the patch size (torchvision's detectors pad to 32 already).
 
 from __future__ import annotations
 
+import logging
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -21,6 +23,9 @@ from torch import nn
 
 from .model import XCiTPyramid
 from .variants import create_model
+from .weights import load_state_dict_checked, read_weights
+
+log = logging.getLogger("xcit")
 
 
 class XCiTBackbone(nn.Module):
@@ -28,11 +33,15 @@ class XCiTBackbone(nn.Module):
 
     Args:
         name: a variant name (see ``xcit models``).
-        pretrained: classification weights in any supported format; the head and class-attention weights are
-            read but not used.
+        pretrained: weights in any supported format: classification or DINO weights (their head and
+            class-attention weights are not used; the fpn layers start fresh), mmdet / mmseg checkpoints of the
+            official dense-task code (the ``backbone.`` part, ``fpn1``-``fpn4`` included; neck, heads and meta are
+            left out with a notice), or this class's own ``state_dict()``. Every XCA-stage key must be there.
         out_indices: the four XCA blocks to tap (default: the official backbone's).
         drop_path_rate: stochastic depth of the XCA blocks (the official detection recipes use 0.05-0.1).
-        **overrides: :class:`xcit.XCiTConfig` fields (``embed_dim``, ``depth``, ...), e.g. for tiny test models.
+        checkpoint_key: the entry of a whole checkpoint to take (DINO: ``"teacher"`` by default, or ``"student"``).
+        **overrides: :class:`xcit.XCiTConfig` fields (``embed_dim``, ``depth``, ``in_chans``, ...), e.g. for tiny
+            test models.
 
     Attributes:
         out_channels: channels of every level (the embedding dim), as torchvision's detectors expect.
@@ -48,10 +57,14 @@ class XCiTBackbone(nn.Module):
         pretrained: str | Path | None = None,
         out_indices: list[int] | None = None,
         drop_path_rate: float = 0.0,
+        checkpoint_key: str | None = None,
         **overrides,
     ) -> None:
         super().__init__()
-        model = create_model(name, pretrained=pretrained, num_classes=0, drop_path_rate=drop_path_rate, **overrides)
+        w = None if pretrained is None else read_weights(pretrained, checkpoint_key=checkpoint_key)
+        if w is not None and "flavour" not in overrides:
+            overrides["flavour"] = w.flavour
+        model = create_model(name, num_classes=0, drop_path_rate=drop_path_rate, **overrides)
         # Dense tasks never run the class-attention stage (as in the official backbone); dropping it keeps
         # DistributedDataParallel from seeing parameters without gradients.
         model.cls_attn_blocks = nn.ModuleList()
@@ -68,9 +81,45 @@ class XCiTBackbone(nn.Module):
         self.out_channels: int = self.body.out_channels
         self.channels: list[int] = list(self.body.channels)
         self.patch_size = model.patch_size
+        if w is not None:
+            self._load(w.state_dict, pretrained)
+
+    def _load(self, sd: dict[str, torch.Tensor], source: object) -> None:
+        sd, unused = backbone_keys(sd)
+        if unused:
+            log.info("%s: %d class-attention / head tensors are not used by the dense backbone", source, len(unused))
+        if not any(k.startswith("body.fpn.") for k in sd):
+            fresh = {k: v for k, v in self.state_dict().items() if k.startswith("body.fpn.")}
+            if fresh:
+                log.info("%s: no fpn1-fpn4 weights in the file; the resampling layers start fresh", source)
+            sd = {**sd, **fresh}
+        load_state_dict_checked(self, sd, source=source)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict(self.body(x))
+
+
+_FPN = re.compile(r"fpn([1-4])\.(.*)")
+
+
+def backbone_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A state dict in this project's layout -> :class:`XCiTBackbone`'s keys, and the keys a dense backbone does not
+    use (class token, class attention, final norm, head).
+
+    The official dense backbone's ``fpn1``-``fpn4`` become ``body.fpn.0``-``body.fpn.3`` (same Sequential indices:
+    detection/backbone/xcit.py); the rest moves under ``body.model.``. An :class:`XCiTBackbone` state dict
+    (``body.*``) is returned as is.
+    """
+    if sd and all(k.startswith("body.") for k in sd):
+        return dict(sd), []
+    out, unused = {}, []
+    for k, v in sd.items():
+        if k == "cls_token" or k.startswith(("cls_attn_blocks.", "norm.", "head.")):
+            unused.append(k)
+            continue
+        m = _FPN.fullmatch(k)
+        out[f"body.fpn.{int(m[1]) - 1}.{m[2]}" if m else f"body.model.{k}"] = v
+    return out, unused
 
 
 class XCiTFPN(nn.Module):

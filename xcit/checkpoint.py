@@ -16,6 +16,7 @@ Everything stored must load with ``weights_only=True``: tensors, dicts, lists, t
 
 from __future__ import annotations
 
+import argparse
 import collections
 import hashlib
 import logging
@@ -121,7 +122,10 @@ def load_torch_file(path: str | os.PathLike, require_seal: bool = False) -> tupl
             raise CheckpointError(f"{path}: no checksum; the file is truncated or was not written by save_checkpoint")
         f.seek(0)
         try:
-            return torch.load(f, map_location="cpu", weights_only=True), sealed
+            # DINO's checkpoints record their ``args`` as an argparse.Namespace (main_dino.py): that one plain class
+            # is allowed, for this load only; anything else beyond tensors and containers is still refused
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(f, map_location="cpu", weights_only=True), sealed
         except Exception as e:  # noqa: BLE001 - torch raises many types for bad files; all become one clear error
             raise _load_error(path, e) from None
 

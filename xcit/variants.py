@@ -26,6 +26,7 @@ def create_model(
     out_indices: list[int] | None = None,
     strict: bool = True,
     use_ema: bool = False,
+    checkpoint_key: str | None = None,
     **overrides,
 ) -> XCiT | XCiTPyramid:
     """Build a variant by name.
@@ -44,6 +45,8 @@ def create_model(
         out_indices: blocks tapped by the pyramid (default: the official detection backbone's).
         strict: refuse weight files with missing or unexpected keys.
         use_ema: load the EMA copy of a training checkpoint.
+        checkpoint_key: the entry of a whole checkpoint to take, e.g. ``"student"`` of a DINO checkpoint (default:
+            its ``teacher``).
         **overrides: any :class:`XCiTConfig` field (``embed_dim``, ``depth``, ``flavour``, ``drop_rate``, ...).
     """
     unknown = set(overrides) - _CFG_FIELDS
@@ -56,6 +59,6 @@ def create_model(
     if pretrained is None:
         model = XCiT(replace(get_config(name), num_classes=1000 if num_classes is None else num_classes, **arch), name)
     else:
-        w = read_weights(pretrained, use_ema=use_ema)
+        w = read_weights(pretrained, use_ema=use_ema, checkpoint_key=checkpoint_key)
         model = model_from_weights(w, name, num_classes=num_classes, strict=strict, trust_name=True, **arch)
     return XCiTPyramid(model, out_indices) if features_only else model

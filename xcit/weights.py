@@ -161,26 +161,65 @@ def _is_mindspore_ckpt(path: Path) -> bool:
 
 
 _EMA_KEYS = ("ema", "model_ema", "state_dict_ema")  # this project's, timm's and the official ModelEma's
+# DINO's full checkpoints (facebookresearch/dino main_dino.py save_dict): the teacher is the network DINO evaluates
+# and releases; ``checkpoint_key="student"`` takes the other one
+_DINO_KEYS = ("teacher", "student")
 
 
-def _unwrap(obj: object, path: Path, use_ema: bool | None) -> tuple[dict[str, torch.Tensor], dict, bool]:
-    """Find the state dict inside a loaded .pth object; return it, the wrapper's plain fields and whether it is
-    the EMA copy. ``use_ema``: True takes the EMA copy (warning when there is none), None takes it when present."""
+def _unwrap(
+    obj: object, path: Path, use_ema: bool | None, key: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict, bool, str | None]:
+    """Find the state dict inside a loaded .pth object; return it, the wrapper's plain fields, whether it is the EMA
+    copy and the top-level key it came from. ``use_ema``: True takes the EMA copy (warning when there is none), None
+    takes it when present. ``key`` names the top-level entry to take (DINO's ``teacher`` / ``student``, ...)."""
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     extra = {k: v for k, v in obj.items() if not isinstance(v, (dict, torch.Tensor))}
+    if key is None and all(isinstance(obj.get(k), dict) for k in _DINO_KEYS):
+        key = _DINO_KEYS[0]
+    if key is not None:
+        if not isinstance(obj.get(key), dict) or not all(isinstance(v, torch.Tensor) for v in obj[key].values()):
+            found = sorted(k for k, v in obj.items() if isinstance(v, dict))
+            raise WeightsError(f"{path}: no state dict under {key!r} (entries holding dicts: {found})")
+        return obj[key], extra, False, key
     if use_ema is not False:
-        for key in _EMA_KEYS:
-            if isinstance(obj.get(key), dict) and obj[key]:
-                return obj[key], extra, True
+        for k in _EMA_KEYS:
+            if isinstance(obj.get(k), dict) and obj[k]:
+                return obj[k], extra, True, k
         if use_ema:
             log.warning("%s has no EMA weights; using the model weights", path)
-    for key in ("model", "state_dict", "module"):
-        if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
-            return obj[key], extra, False
+    for k in ("model", "state_dict", "module"):
+        if isinstance(obj.get(k), dict) and all(isinstance(v, torch.Tensor) for v in obj[k].values()):
+            return obj[k], extra, False, k
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, {}, False
+        return obj, {}, False, None
     raise WeightsError(f"{path}: no state dict found (top-level keys: {sorted(obj)[:10]})")
+
+
+def split_backbone(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The ``backbone.`` part of a whole-network state dict and the number of tensors left out per other module.
+
+    mmdet / mmseg checkpoints of the official dense-task code hold ``backbone.*`` next to ``neck.*``,
+    ``rpn_head.*``, ``roi_head.*`` (detection) or ``decode_head.*``, ``auxiliary_head.*`` (segmentation); DINO's
+    ``MultiCropWrapper`` holds ``backbone.*`` and ``head.*``. A state dict without ``backbone.`` keys is returned as is.
+    """
+    if not any(k.startswith("backbone.") for k in sd):
+        return sd, {}
+    left: dict[str, int] = {}
+    for k in sd:
+        if not k.startswith("backbone."):
+            group = k.split(".", 1)[0]
+            left[group] = left.get(group, 0) + 1
+    return {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}, left
+
+
+def _left_out_notice(path: Path, obj: dict, key: str | None, left: dict[str, int], n: int) -> None:
+    """One line saying which parts of a detection / segmentation / DINO checkpoint are not used."""
+    parts = [f"{g} ({c} tensors)" for g, c in left.items()]
+    parts += [k for k, v in obj.items() if isinstance(v, dict) and k != key]
+    which = f"the {key!r} entry's backbone" if key in _DINO_KEYS else "the backbone"
+    other = " (checkpoint_key='student' takes the student's)" if key == "teacher" else ""
+    log.info("%s: using %s (%d tensors)%s; left out: %s", path, which, n, other, ", ".join(parts) or "nothing")
 
 
 def _timm_layout(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -189,19 +228,23 @@ def _timm_layout(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return (official_to_timm(sd) if layout == "official" else sd), layout
 
 
-def read_weights(path: str | os.PathLike, use_ema: bool | None = False) -> Weights:
+def read_weights(path: str | os.PathLike, use_ema: bool | None = False, checkpoint_key: str | None = None) -> Weights:
     """Read any supported weight file, once, into this project's layout, with what the file records about itself
     (architecture, flavour, classes, the training config and architecture of an ``xcit train`` checkpoint).
 
     ``use_ema``: False the model weights, True the EMA copy, None the EMA copy when the file has one. A training
     checkpoint's checksum is checked while it is read. Raises :class:`WeightsError` naming the file.
+
+    Whole-network checkpoints give their backbone (:func:`split_backbone`, with a notice of what is left out):
+    mmdet / mmseg files of the official dense-task code, and DINO's full checkpoints, whose ``teacher`` is taken
+    unless ``checkpoint_key`` names another entry (``"student"``).
     """
-    w = _read(Path(path), use_ema)
+    w = _read(Path(path), use_ema, checkpoint_key)
     w.source = path
     return w
 
 
-def _read(path: Path, use_ema: bool | None) -> Weights:
+def _read(path: Path, use_ema: bool | None, checkpoint_key: str | None = None) -> Weights:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
@@ -223,7 +266,10 @@ def _read(path: Path, use_ema: bool | None) -> Weights:
             raise WeightsError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
         return Weights(sd, "mindcv", "mindcv", used_ema=bool(use_ema))
     obj, sealed = load_torch_file(path)
-    sd, extra, used_ema = _unwrap(obj, path, use_ema)
+    sd, extra, used_ema, key = _unwrap(obj, path, use_ema, checkpoint_key)
+    sd, left = split_backbone(strip_prefixes(sd))
+    if left or key in _DINO_KEYS:
+        _left_out_notice(path, obj, key, left, len(sd))
     sd, layout = _timm_layout(sd)
     flavour = extra.get("flavour", "official") if isinstance(extra.get("flavour"), str) else "official"
     fmt = "xcit" if "arch" in extra else layout
