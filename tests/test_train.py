@@ -18,7 +18,7 @@ from xcit.checkpoint import load_checkpoint
 from xcit.config import ConfigError, load_config
 from xcit.demo import DEMO_RECIPE, write_digits
 from xcit.ema import ModelEma
-from xcit.optim import LRSchedule, param_groups
+from xcit.optim import param_groups
 from xcit.train import TrainingDiverged, fit
 
 from .test_data import add_bad_files, make_folder
@@ -283,22 +283,6 @@ def test_weight_decay_groups_follow_the_official_recipe():
     scale = {n: g["lr_scale"] for g in layered for n in g["param_names"]}
     assert scale["head.weight"] == 1.0 and scale["blocks.1.mlp.fc1.weight"] == 0.5
     assert scale["blocks.0.mlp.fc1.weight"] == 0.25 and scale["patch_embed.proj.0.0.weight"] == 0.125
-
-
-def test_warmup_then_cosine_per_step_and_resumable():
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    s = LRSchedule(opt, 1e-3, steps_per_epoch=10, warmup_epochs=2, warmup_start=1e-6, min_lr=1e-5, decay_epochs=8)
-    assert s.lr_at(0) == pytest.approx(1e-6) and s.lr_at(20) == pytest.approx(1e-3)
-    assert s.lr_at(10) == pytest.approx((1e-6 + 1e-3) / 2)  # linear, per step
-    assert s.lr_at(60) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # half-way down the cosine
-    assert s.lr_at(100) == pytest.approx(1e-5) and s.lr_at(500) == pytest.approx(1e-5)
-    for _ in range(37):
-        s.step()
-    other = LRSchedule(opt, 1e-3, 10, warmup_epochs=2, warmup_start=1e-6, min_lr=1e-5, decay_epochs=8)
-    other.load_state_dict(s.state_dict())
-    assert opt.param_groups[0]["lr"] == s.lr_at(37) == other.get_last_lr()
-    stair = LRSchedule(opt, 1e-3, 10, warmup_epochs=2, stair=True)
-    assert stair.lr_at(19) == stair.lr_at(10)
 
 
 def test_ema_is_applied_once_per_optimiser_step():

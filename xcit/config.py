@@ -42,7 +42,8 @@ def _k(default: Any, help_: str, *, xcit: bool = False) -> Any:
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "random")
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nadam", "lamb", "rmsprop", "adagrad", "lion")
 EMA_WARMUPS = ("mindcv", "none")
-SCHEDULERS = ("cosine_decay", "constant", "step_decay", "multi_step_decay", "exponential_decay")
+SCHEDULERS = ("cosine_decay", "constant", "step_decay", "multi_step_decay", "exponential_decay", "polynomial_decay")
+SCHEDULERS += ("one_cycle", "cyclic")
 WD_FILTERS = ("official", "all", "norm_and_bias", "disable")  # what xcit.optim.param_groups takes
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 DEVICES = ("auto", "cpu", "cuda", "gpu", "ascend")
@@ -181,7 +182,7 @@ class TrainConfig:
     warmup_lr: float | None = _k(None, "warm-up start lr; overrides warmup_factor (official: 1e-6)", xcit=True)
     decay_epochs: int = _k(100, "epochs of cosine decay after warm-up (lr stays at min_lr afterwards)")
     decay_rate: float = _k(0.9, "factor of step_decay / multi_step_decay / exponential_decay")
-    multi_step_decay_milestones: list[int] = _k([30, 60, 90], "epochs where multi_step_decay multiplies by decay_rate")
+    multi_step_decay_milestones: list[int] = _k([30, 60, 90], "epochs after warm-up where multi_step_decay decays")
     lr_epoch_stair: bool = _k(False, "change the lr once per epoch instead of every step")
     num_cycles: int = _k(1, "cosine cycles")
     cycle_decay: float = _k(1.0, "peak lr factor per cosine cycle")
@@ -373,6 +374,8 @@ def _normalise(values: dict[str, Any]) -> None:
     lower = ("opt", "scheduler", "interpolation", "weight_decay_filter", "reduction", "lr_scale", "amp_dtype")
     for key in (*lower, "ema_warmup"):
         values[key] = values[key].lower()
+    if values["scheduler"] == "warmup_cosine_decay":  # MindCV's alias
+        values["scheduler"] = "cosine_decay"
     for key in ("amp_level", "val_amp_level", "loss"):
         values[key] = values[key].upper()
     if values["ckpt_save_policy"] in (None, "None", "none", ""):
@@ -403,6 +406,9 @@ def check(cfg: TrainConfig) -> None:
     _check_ranges(cfg)
     _check_model(cfg)
     _check_auto_augment(cfg)
+    from .schedule import check_schedule
+
+    check_schedule(cfg)
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
@@ -506,7 +512,9 @@ def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         out.append("loss_scale_type: fixed -> fp16 uses torch's dynamic GradScaler starting at loss_scale")
     if cfg.re_max_attempts != 10:
         out.append(f"re_max_attempts: {cfg.re_max_attempts} -> timm's random erasing makes 10 attempts")
-    return out
+    from .schedule import schedule_notices
+
+    return out + schedule_notices(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -15,17 +15,10 @@
 encoding, ``cls_token``, as timm's ``group_matcher`` for XCiT), XCA block ``i`` is ``i + 1``, class attention,
 the final norm and the head are ``depth + 1``; a parameter's lr is ``lr x layer_decay ** (depth + 1 - id)``.
 
-**Schedule**: linear warm-up per step from ``warmup_lr`` (or ``lr x warmup_factor``) to ``lr`` over
-``warmup_epochs``, then ``cosine_decay`` to ``min_lr`` over ``decay_epochs`` (MindCV's semantics; ``min_lr`` is held
-afterwards), or constant / step / multi-step / exponential decay. ``lr_epoch_stair`` holds it per epoch, which is
-how the official recipe's timm scheduler steps.
-
-The weight EMA is in :mod:`xcit.ema`.
+The learning-rate schedule is in :mod:`xcit.schedule`, the weight EMA in :mod:`xcit.ema`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -101,77 +94,3 @@ def create_optimizer(
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(groups, opt=opt, lr=lr, momentum=momentum, eps=eps)
-
-
-class LRSchedule:
-    """Per-step learning rate: warm-up, then a decay rule; sets every group's ``lr = lr_at(step) x lr_scale``.
-
-    Call :meth:`step` after each optimiser step. ``state_dict()`` is the step count (plain ints/floats).
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        lr: float,
-        steps_per_epoch: int,
-        scheduler: str = "cosine_decay",
-        warmup_epochs: float = 0,
-        warmup_start: float = 0.0,
-        min_lr: float = 0.0,
-        decay_epochs: float = 1,
-        decay_rate: float = 0.1,
-        milestones: tuple[int, ...] = (),
-        stair: bool = False,
-        num_cycles: int = 1,
-        cycle_decay: float = 1.0,
-    ) -> None:
-        self.optimizer, self.lr, self.spe = optimizer, lr, max(1, steps_per_epoch)
-        self.scheduler, self.warmup_start, self.min_lr = scheduler, warmup_start, min_lr
-        self.warmup_steps = round(warmup_epochs * self.spe)
-        self.decay_steps = max(1, round(decay_epochs * self.spe))
-        self.decay_epochs, self.decay_rate, self.milestones = decay_epochs, decay_rate, tuple(milestones)
-        self.stair, self.num_cycles, self.cycle_decay = stair, num_cycles, cycle_decay
-        self.last_step = 0
-        self._apply()
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate of optimiser step ``step`` (0-based)."""
-        if self.stair:
-            step = step // self.spe * self.spe
-        if step < self.warmup_steps:
-            return self.warmup_start + (self.lr - self.warmup_start) * step / self.warmup_steps
-        t = step - self.warmup_steps
-        epochs_after = t / self.spe
-        if self.scheduler == "cosine_decay":
-            cycle = t // self.decay_steps
-            if cycle >= self.num_cycles:
-                return self.min_lr
-            peak = self.lr * self.cycle_decay**cycle
-            u = (t % self.decay_steps) / self.decay_steps
-            return self.min_lr + 0.5 * (peak - self.min_lr) * (1 + math.cos(math.pi * u))
-        if self.scheduler == "step_decay":
-            return self.lr * self.decay_rate ** int(epochs_after // self.decay_epochs)
-        if self.scheduler == "multi_step_decay":
-            return self.lr * self.decay_rate ** sum(step / self.spe >= m for m in self.milestones)
-        if self.scheduler == "exponential_decay":
-            return self.lr * self.decay_rate**epochs_after
-        return self.lr  # constant
-
-    def _apply(self) -> None:
-        lr = self.lr_at(self.last_step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-
-    def step(self) -> None:
-        self.last_step += 1
-        self._apply()
-
-    def get_last_lr(self) -> float:
-        return self.lr_at(self.last_step)
-
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.last_step = int(state["last_step"])
-        self._apply()

@@ -48,11 +48,12 @@ from .ema import ModelEma, describe_ema
 from .evaluate import evaluate
 from .logging_utils import MetricsLog, setup_logging, step_log
 from .losses import Criterion, DistillationLoss
-from .optim import LRSchedule, create_optimizer, param_groups
+from .optim import create_optimizer, param_groups
 from .precision import amp_setup, autocast
 from .preemption import Preempted, StopSignal, elastic_restart_count
 from .readers import report_bad_reads
 from .runlock import hold_run_lock
+from .schedule import LRSchedule
 from .variants import create_model
 from .weights import load_weights
 
@@ -134,6 +135,7 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
         optimizer,
         lr,
         steps_per_epoch,
+        cfg.epoch_size,
         scheduler=cfg.scheduler,
         warmup_epochs=cfg.warmup_epochs,
         warmup_start=cfg.warmup_lr if cfg.warmup_lr is not None else lr * cfg.warmup_factor,
@@ -290,6 +292,7 @@ def train_one_epoch(
                disable=None if distributed.is_main() else True, leave=False)  # fmt: skip
     micro = torch.zeros((), device=device)
     t0 = time.perf_counter()
+    step_lr = schedule.lr_at(max(0, schedule.last_step - 1))  # the lr of the last step taken
     for i, (x, y) in enumerate(loader, start=start_batch):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -322,6 +325,7 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        step_lr = schedule.get_last_lr()  # the lr this step used
         schedule.step()
         if ema is not None:
             ema.update(inner)
@@ -329,11 +333,11 @@ def train_one_epoch(
         state.loss_sum, state.loss_steps = state.loss_sum + step_loss, state.loss_steps + 1
         done = (i + 1 - start_batch) * batch * world_size
         ips = done / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{schedule.get_last_lr():.2e}", img_s=f"{ips:.0f}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{step_lr:.2e}", img_s=f"{ips:.0f}")
         if state.step % log_interval == 0 or i + 1 == total:
             step_log.info(
-                "epoch %d/%d step %d/%d loss %.6f lr %.3e img/s %.0f",
-                state.epoch + 1, epochs, i + 1, total, step_loss, schedule.get_last_lr(), ips,
+                "epoch %d/%d step %d/%d loss %.6f lr %.9e img/s %.0f",
+                state.epoch + 1, epochs, i + 1, total, step_loss, step_lr, ips,
             )  # fmt: skip
         if on_step is not None:
             on_step(state)
@@ -342,7 +346,7 @@ def train_one_epoch(
     seen = (total - start_batch) * batch * world_size
     return {
         "train_loss": state.loss_sum / state.loss_steps if state.loss_steps else float("nan"),
-        "lr": schedule.get_last_lr(),
+        "lr": step_lr,
         "epoch_time": elapsed,
         "img_per_sec": seen / max(elapsed, 1e-9),
     }
