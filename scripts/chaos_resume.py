@@ -25,6 +25,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -288,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     for part, d in diffs.items():
         print(f"max abs diff {part:<9} {d:.3g}")
     worst = max(diffs.values())
-    print(f"RESULT: {'bit-identical' if worst == 0 else f'max abs diff {worst:.3g}'} after {kills} kills ({work})")
+    kept = a.workdir is not None or worst != 0  # a temp dir is removed after a success, kept to inspect a failure
+    if not kept:
+        shutil.rmtree(work, ignore_errors=True)
+    where = work if kept else f"{work} removed; --workdir DIR keeps the runs"
+    print(f"RESULT: {'bit-identical' if worst == 0 else f'max abs diff {worst:.3g}'} after {kills} kills ({where})")
     return 0 if worst == 0 else 1
 
 

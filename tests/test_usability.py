@@ -16,6 +16,7 @@ from .conftest import perturb_
 
 KW = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10)
 NAME = "xcit_nano_12_p16_224"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -277,9 +278,10 @@ def test_benchmark_warns_when_the_measured_peak_is_below_the_run():
 
 
 @pytest.mark.slow  # three short training runs: about 10 s
-def test_mid_epoch_resume_reports_the_whole_epochs_loss_and_csv_counts_from_one(tmp_path):
+def test_mid_epoch_resume_reports_the_whole_epochs_loss_and_csv_counts_from_one(tmp_path, caplog):
     import csv
     import json
+    import logging
 
     from xcit.config import load_config
     from xcit.demo import write_digits
@@ -309,3 +311,80 @@ def test_mid_epoch_resume_reports_the_whole_epochs_loss_and_csv_counts_from_one(
     assert resumed[0]["train_loss"] == straight[0]["train_loss"]  # all 4 steps, not the 2 after the resume
     with open(tmp_path / "resumed" / "metrics.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1"]
+    with caplog.at_level(logging.INFO, logger="xcit"):
+        train("resumed", "--resume", "auto")  # once more: the run has finished, and says so
+    text = caplog.text
+    assert "the run had finished (epoch 1 of 1): nothing left to train" in text
+    assert f"model {NAME} with model_overrides {{embed_dim: 32, depth: 1, num_heads: 2}} (1 XCA blocks):" in text
+
+
+def test_weights_repr_is_a_summary(weights):
+    _, src = weights
+    text = repr(xcit.read_weights(src))
+    assert len(text) < 300 and "tensors" in text and "tensor([" not in text
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures that the code under test saves (inspected after it closes them)."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), save(self, *a, **k))[1])
+    return figures
+
+
+def _visible_ticks(ax, axis="y"):
+    lo, hi = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
+    ticks = ax.get_yticks() if axis == "y" else ax.get_xticks()
+    return [t for t in ticks if lo <= t <= hi]
+
+
+def test_sweep_plot_over_a_short_range_has_readable_log_ticks(tmp_path, saved_figures):
+    from xcit.bench_sweep import plot_sweep
+
+    pts = [{"tokens": t, "img_size": s, "ms_per_image": m, "peak_memory_mib_per_image": p}
+           for t, s, m, p in ((196, 224, 9.0, 3.1), (256, 256, 11.5, 3.9))]  # fmt: skip
+    result = {"model": NAME, "reference": "deit_tiny_patch16_224", "precision": "fp32", "ours": pts,
+              "reference_points": pts}  # fmt: skip
+    plot_sweep(result, tmp_path / "sweep.png")
+    for ax in saved_figures[0].axes:
+        ax.figure.canvas.draw()
+        assert len(_visible_ticks(ax)) >= 2, ax.get_ylabel()
+
+
+def test_one_epoch_metrics_plot_has_no_negative_top1_ticks(tmp_path, saved_figures):
+    from xcit.logging_utils import MetricsLog
+
+    m = MetricsLog(tmp_path, tensorboard=False)
+    m.add({"epoch": 0, "step": 5, "train_loss": 2.0, "lr": 1e-3, "val_loss": 1.9, "top1": 0.0, "top5": 50.0})
+    top1_ax = saved_figures[-1].axes[2]
+    assert min(top1_ax.get_ylim()) >= 0 and all(t >= 0 for t in _visible_ticks(top1_ax))
+    for ax in saved_figures[-1].axes:  # whole epochs only
+        assert all(float(t).is_integer() for t in _visible_ticks(ax, "x"))
+
+
+@pytest.mark.slow  # one short chaos run with one kill: about 30 s
+@pytest.mark.timeout(300)
+def test_chaos_resume_removes_its_temp_dir_after_success(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("chaos_resume", ROOT / "scripts" / "chaos_resume.py")
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # mkdtemp's default folder
+    assert chaos.main(["--kills", "1", "--epochs", "2", "--workers", "0"]) == 0
+    assert "RESULT: bit-identical" in capsys.readouterr().out
+    assert not list(tmp_path.glob("xcit-chaos-*"))
+
+
+@pytest.mark.slow  # one short demo epoch on the digits: about 5 s
+def test_demo_epoch_size_scales_the_schedule(tmp_path, monkeypatch):
+    import yaml
+
+    monkeypatch.setenv("XCIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    argv = ["train", "--epoch_size", "1", "--warmup_epochs", "0", "--num_samples", "64", "--ckpt_save_dir", str(out)]
+    assert main(argv) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["decay_epochs"] == 1  # not the recipe's 28

@@ -101,6 +101,8 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plot_ticks import log_ticks
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series = [
         (result["model"], result["ours"], "tab:blue"),
@@ -124,7 +126,7 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
         ticks = [p["tokens"] for p in result["ours"]]
         labels = [f"{t}\n{p['img_size']}px" for t, p in zip(ticks, result["ours"])]
         ax.set_xticks(ticks, labels, fontsize=7, rotation=45 if len(ticks) > 6 else 0)
-        ax.minorticks_off()
+        log_ticks(ax)  # readable over less than a decade too
         ax.set_xlabel("tokens per image (resolution)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

@@ -102,6 +102,8 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        from .plot_ticks import epoch_ticks
+
         ep = [r["epoch"] + 1 for r in self.rows]
         fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
         ax[0].plot(ep, [r.get("train_loss") for r in self.rows], "o-", label="train")
@@ -116,6 +118,7 @@ class MetricsLog:
         if acc:
             ax[2].plot(*zip(*acc), "o-")
         ax[2].set(title="val top-1 (%)", xlabel="epoch")
+        epoch_ticks(ax, ep, [t for _, t in acc])
         for a in ax:
             a.grid(alpha=0.3)
         fig.tight_layout()
@@ -127,3 +130,32 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def run_banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, amp_dtype) -> None:
+    """The start-up lines of a training run: model, device, data, global batch, lr rule, precision, output."""
+    from .ema import describe_ema
+    from .options import show
+
+    params = sum(p.numel() for p in model.parameters())
+    accum = cfg.gradient_accumulation_steps
+    global_batch = cfg.batch_size * world.size * accum
+    backend = f" ({'nccl' if world.device.type == 'cuda' else 'gloo'})" if world.distributed else ""
+    rule = (
+        f"lr_scale linear: {cfg.lr:g} x {global_batch}/512 (official rule)"
+        if cfg.lr_scale == "linear"
+        else "lr_scale none: lr used as given (MindCV rule; the official rule is 5e-4 x global_batch/512)"
+    )
+    over = f" with model_overrides {show(cfg.model_overrides)} ({model.cfg.depth} XCA blocks)"
+    over = over if cfg.model_overrides else ""
+    log.info("model %s%s: %.2fM params, %s numerics, %d outputs for %d classes", cfg.model, over, params / 1e6,
+             model.flavour, model.num_classes, len(classes))  # fmt: skip
+    log.info("device %s x %d process(es)%s", world.device.type, world.size, backend)
+    log.info("data %s: %d train / %d val images, %d steps per epoch", cfg.data_dir, n_train, n_val, steps_per_epoch)
+    log.info("global batch %d = batch_size %d x %d process(es) x %d accumulation step(s)", global_batch,
+             cfg.batch_size, world.size, accum)  # fmt: skip
+    log.info("lr %.3g (%s), %s to %.3g after %d warm-up epochs", lr, rule, cfg.scheduler, cfg.min_lr,
+             cfg.warmup_epochs)  # fmt: skip
+    log.info("precision %s, compile %s, ema %s, output %s", amp_dtype or "fp32",
+             "on" if cfg.compiles_on(world.device.type) else "off",
+             describe_ema(cfg.ema_decay, cfg.ema_warmup) if cfg.ema else "off", cfg.ckpt_save_dir)  # fmt: skip

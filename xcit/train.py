@@ -44,9 +44,9 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig, check_training, notices, save_config
 from .data import build_datasets, mixup_fn, train_loader, train_subset, val_loader
 from .distill import build_teacher
-from .ema import ModelEma, describe_ema
+from .ema import ModelEma
 from .evaluate import evaluate
-from .logging_utils import MetricsLog, setup_logging, step_log
+from .logging_utils import MetricsLog, run_banner, setup_logging, step_log
 from .losses import Criterion, DistillationLoss
 from .optim import create_optimizer, param_groups
 from .precision import amp_setup, autocast
@@ -163,8 +163,11 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
     resume_from = _resume_point(cfg, out)
     if resume_from is not None:
         state, rng = restore(*resume_from, cfg, classes, model, ema, optimizer, schedule, scaler, loader.sampler)
+        if state.epoch >= cfg.epoch_size and world.is_main:  # e.g. --resume auto once more after the end
+            log.info("%s: the run had finished (epoch %d of %d): nothing left to train", resume_from[0], state.epoch,
+                     cfg.epoch_size)  # fmt: skip
     if world.is_main:
-        _banner(cfg, world, model, len(train_set), len(val_set or []), classes, steps_per_epoch, lr, amp_dtype)
+        run_banner(cfg, world, model, len(train_set), len(val_set or []), classes, steps_per_epoch, lr, amp_dtype)
         save_config(cfg, out / "config.yaml", header=f"resolved config of this run ({cfg.model})")
     metrics = MetricsLog(out, state.epoch, cfg.tensorboard) if world.is_main else None
 
@@ -509,29 +512,6 @@ def _prune(out: Path, policy: str, keep: int, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, amp_dtype) -> None:
-    params = sum(p.numel() for p in model.parameters())
-    accum = cfg.gradient_accumulation_steps
-    global_batch = cfg.batch_size * world.size * accum
-    backend = f" ({'nccl' if world.device.type == 'cuda' else 'gloo'})" if world.distributed else ""
-    rule = (
-        f"lr_scale linear: {cfg.lr:g} x {global_batch}/512 (official rule)"
-        if cfg.lr_scale == "linear"
-        else "lr_scale none: lr used as given (MindCV rule; the official rule is 5e-4 x global_batch/512)"
-    )
-    log.info("model %s: %.2fM params, %s numerics, %d outputs for %d classes", cfg.model, params / 1e6,
-             model.flavour, model.num_classes, len(classes))  # fmt: skip
-    log.info("device %s x %d process(es)%s", world.device.type, world.size, backend)
-    log.info("data %s: %d train / %d val images, %d steps per epoch", cfg.data_dir, n_train, n_val, steps_per_epoch)
-    log.info("global batch %d = batch_size %d x %d process(es) x %d accumulation step(s)", global_batch,
-             cfg.batch_size, world.size, accum)  # fmt: skip
-    log.info("lr %.3g (%s), %s to %.3g after %d warm-up epochs", lr, rule, cfg.scheduler, cfg.min_lr,
-             cfg.warmup_epochs)  # fmt: skip
-    log.info("precision %s, compile %s, ema %s, output %s", amp_dtype or "fp32",
-             "on" if cfg.compiles_on(world.device.type) else "off",
-             describe_ema(cfg.ema_decay, cfg.ema_warmup) if cfg.ema else "off", cfg.ckpt_save_dir)  # fmt: skip
 
 
 def _val_columns(val: dict | None) -> dict:

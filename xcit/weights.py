@@ -52,6 +52,14 @@ class Weights:
         w = self.state_dict.get("head.weight")
         return None if w is None else int(w.shape[0])
 
+    def __repr__(self) -> str:  # a summary: the dataclass repr would print every tensor
+        params = sum(v.numel() for v in self.state_dict.values())
+        return (
+            f"Weights({self.source}: {self.source_format}, flavour={self.flavour!r}, arch={self.arch!r}, "
+            f"{len(self.state_dict)} tensors, {params / 1e6:.2f}M values, num_classes={self.num_classes}, "
+            f"has_ema={self.has_ema}, used_ema={self.used_ema})"
+        )
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pure key maps

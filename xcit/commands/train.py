@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, explicit = load_config(argv, prog="xcit train", description=DESCRIPTION)
         if not cfg.data_dir and not _has_config(argv):
             cfg, explicit = load_config(argv, prog="xcit train", base=DEMO_RECIPE, description=DESCRIPTION)
+            if "epoch_size" in explicit and "decay_epochs" not in explicit:  # the demo's schedule follows its length
+                cfg.decay_epochs = max(1, cfg.epoch_size - cfg.warmup_epochs)
+                log.info("demo: decay_epochs %d to fit epoch_size %d", cfg.decay_epochs, cfg.epoch_size)
         if cfg.dataset == "digits" and not cfg.data_dir:
             cfg.data_dir = str(ensure_digits())
             if os.environ.get("RANK", "0") == "0":  # once per run (the process group does not exist yet)
