@@ -240,3 +240,17 @@ def test_the_tar_header_reader_agrees_with_tarfile(fmt, tmp_path):
     with tarfile.open(path) as tf:
         expected = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
     assert list(tar_members(path)) == expected and len(expected) >= 3
+
+
+def test_shard_reads_keep_few_files_open(tmp_path, monkeypatch):
+    import xcit.shards as S
+
+    root = write_wds(tmp_path / "w")  # 18 training samples in 4 shards of 5
+    train, _ = build_datasets(cfg_for(root))
+    monkeypatch.setattr(S, "MAX_OPEN_SHARDS", 2)
+    S._FDS.clear()
+    src = train.source
+    assert len(src.shards) == 4
+    for i in range(len(src)):
+        data = src.read(i)
+        assert data[:2] == b"\xff\xd8" and len(S._FDS) <= 2  # a JPEG's start, from at most 2 open shards

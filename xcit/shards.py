@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,26 @@ from .readers import Listing
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "pgm", "tif", "tiff", "jfif", "gif")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
-_FDS: dict[str, int] = {}  # open shard files of this process
+_FDS: OrderedDict[str, int] = OrderedDict()  # this process's open shard files, newest last
 _FDS_PID = [os.getpid()]
+MAX_OPEN_SHARDS = 64  # timm's ImageNet has 1,024 training shards: stay well below the usual 1,024-descriptor limit
+
+
+def _shard_fd(path: str) -> int:
+    """A read-only descriptor of ``path``, from a small per-process cache (``pread`` needs no file position, but a
+    forked worker still opens its own)."""
+    if _FDS_PID[0] != os.getpid():
+        for fd in _FDS.values():
+            os.close(fd)  # the parent's copies, inherited by fork
+        _FDS.clear()
+        _FDS_PID[0] = os.getpid()
+    fd = _FDS.pop(path, None)
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+        if len(_FDS) >= MAX_OPEN_SHARDS:
+            os.close(_FDS.popitem(last=False)[1])
+    _FDS[path] = fd
+    return fd
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -174,14 +193,8 @@ class ShardSource:
         return f"{self.shards[self.shard[i]]}:{self.keys[i].decode()}"
 
     def read(self, i: int) -> bytes:
-        if _FDS_PID[0] != os.getpid():  # a forked worker opens its own descriptors
-            _FDS.clear()
-            _FDS_PID[0] = os.getpid()
         path = os.path.join(self.root, self.shards[self.shard[i]])
-        fd = _FDS.get(path)
-        if fd is None:
-            fd = _FDS[path] = os.open(path, os.O_RDONLY)
-        return os.pread(fd, int(self.sizes[i]), int(self.offsets[i]))
+        return os.pread(_shard_fd(path), int(self.sizes[i]), int(self.offsets[i]))
 
     def load(self, i: int):
         return decode_rgb(self.read(i), self.name(i))
