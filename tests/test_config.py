@@ -6,8 +6,9 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
-from xcit.config import ConfigError, TrainConfig, load_config, save_config
+from xcit.config import ConfigError, TrainConfig, load_config, notices, save_config
 from xcit.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,3 +205,24 @@ def test_official_recipes_match_their_generator_and_the_paper():
         assert cfg.lr_scale == "linear" and cfg.ema_decay == 0.99996 and cfg.weight_decay_filter == "official"
         ft, _ = load_config(["-c", str(ROOT / f"configs/xcit/official/xcit_{size}_p8_384.yaml")])
         assert ft.image_resize == 384 and ft.epoch_size == 30 and ft.lr == 5e-6 and ft.pretrained.endswith("_dist.pth")
+
+
+def test_a_config_saved_by_mindcv_loads(tmp_path):
+    """MindCV's train.py saves every argument, ``config`` (its -c path) included, via config.save_args; the file in
+    tests/fixtures/mindcv was written by MindCV's own config.py from the seed recipe
+    (scripts/make_mindcv_train_fixture.py --what config). It resolves to exactly the seed recipe's config."""
+    saved = ROOT / "tests" / "fixtures" / "mindcv" / "mindcv_saved_config.yaml"
+    assert "config" in yaml.safe_load(saved.read_text())
+    cfg, explicit = load_config(["-c", str(saved)])
+    seed, _ = load_config(["-c", str(ROOT / "configs" / "xcit" / "xcit_tiny_12_p16_ascend.yaml")])
+    # the two keys whose defaults here are not MindCV's: the saved file records MindCV's defaults explicitly
+    assert (cfg.device_target, cfg.weight_decay_filter) == ("ascend", "disable")
+    assert (seed.device_target, seed.weight_decay_filter) == ("auto", "official")
+    assert {k: v for k, v in cfg.to_dict().items() if k not in ("device_target", "weight_decay_filter")} == {
+        k: v for k, v in seed.to_dict().items() if k not in ("device_target", "weight_decay_filter")
+    }
+    assert "config: the recipe path a MindCV run recorded in its saved config; ignored" in notices(cfg, explicit)
+    copy = tmp_path / "xcit_tiny_12_p16_224.yaml"
+    copy.write_text(saved.read_text() + "config_typo: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'config_typo'"):
+        load_config(["-c", str(copy)])

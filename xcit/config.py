@@ -495,7 +495,7 @@ def _check_auto_augment(cfg: TrainConfig) -> None:
 
 def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
     """One line per accepted key that has no effect (or a changed one) on this backend."""
-    out = []
+    out = ["config: the recipe path a MindCV run recorded in its saved config; ignored"] if "config" in explicit else []
     if "dataset_sink_mode" in explicit and not cfg.dataset_sink_mode:  # True, MindCV's default, is silent
         out.append("dataset_sink_mode: Ascend data sinking has no PyTorch equivalent; the key has no effect")
     if "device_target" in explicit and cfg.device_target == "ascend":
@@ -567,7 +567,8 @@ def load_config(
     explicit: set[str] = set()
     if args.config:
         for key, raw in read_yaml(args.config).items():
-            _set(values, str(key), raw, args.config)
+            if key != "config":  # MindCV's save_args records the -c path of the run: a notice, no effect
+                _set(values, str(key), raw, args.config)
             explicit.add(str(key))
     flags = {k: v for k, v in vars(args).items() if k != "config"}
     flags.update(dashed)
