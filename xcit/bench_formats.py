@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .benchmark import RECIPE, _transform_retrying, settle, timm_pipeline
+from .bench_data import RECIPE, _transform_retrying, timm_pipeline
+from .benchmark import settle
 
 
 def _formats(folder: Path, workdir: Path) -> dict[str, object]:

@@ -29,6 +29,7 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
+from .optim import WD_FILTERS
 
 
 def _k(default: Any, help_: str, *, xcit: bool = False) -> Any:
@@ -44,7 +45,6 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nadam", "lamb", "rmsprop", "a
 EMA_WARMUPS = ("mindcv", "none")
 SCHEDULERS = ("cosine_decay", "constant", "step_decay", "multi_step_decay", "exponential_decay", "polynomial_decay")
 SCHEDULERS += ("one_cycle", "cyclic")
-WD_FILTERS = ("official", "all", "norm_and_bias", "disable")  # what xcit.optim.param_groups takes
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 DEVICES = ("auto", "cpu", "cuda", "gpu", "ascend")
 IGNORED_KEYS = ("enable_modelarts", "multi_data_url", "data_url", "ckpt_url", "train_url", "amp_cast_list")

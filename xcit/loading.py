@@ -85,9 +85,12 @@ def model_from_weights(
     load_state_dict_checked(model, w.state_dict, strict=strict, drop_head=drop, source=w.source)
     classes = w.extra.get("classes")
     model.class_names = list(classes) if classes and not drop else None
-    model.pretrained_cfg = {**default_pretrained_cfg(model), **recorded_preprocessing(w.config)}
+    timm_conventions(model, Preprocessing.from_recorded_config(w.config))
+    epoch = f" from epoch {w.extra['epoch']}" if "epoch" in w.extra else ""
     if w.used_ema:
-        log.info("%s: EMA weights%s", w.source, f" from epoch {w.extra['epoch']}" if "epoch" in w.extra else "")
+        log.info("%s: EMA weights%s", w.source, epoch)
+    elif w.has_ema:
+        log.info("%s: model weights%s (its EMA weights are not used)", w.source, epoch)
     return model
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import WD_FILTERS
+WD_FILTERS = ("official", "all", "norm_and_bias", "disable")  # which parameters get no weight decay
 
 
 def layer_id(name: str, depth: int) -> int:

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
 def check_schedule(cfg: TrainConfig) -> None:
