@@ -85,7 +85,7 @@ def model_from_weights(
     load_state_dict_checked(model, w.state_dict, strict=strict, drop_head=drop, source=w.source)
     classes = w.extra.get("classes")
     model.class_names = list(classes) if classes and not drop else None
-    timm_conventions(model, Preprocessing.from_recorded_config(w.config))
+    model.pretrained_cfg = {**default_pretrained_cfg(model), **recorded_preprocessing(w.config)}
     epoch = f" from epoch {w.extra['epoch']}" if "epoch" in w.extra else ""
     if w.used_ema:
         log.info("%s: EMA weights%s", w.source, epoch)
