@@ -14,13 +14,10 @@ it, so a resumed run continues bit for bit (CPU), mid-epoch included.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import (
     capture_rng_state,
     latest_checkpoint,
-    load_checkpoint,
     load_latest_checkpoint,
     prune_checkpoints,
     restore_rng_state,
@@ -46,10 +41,11 @@ from .data import build_datasets, mixup_fn, train_loader, train_subset, val_load
 from .distill import build_teacher
 from .ema import ModelEma
 from .evaluate import evaluate
-from .logging_utils import MetricsLog, run_banner, setup_logging, step_log
+from .logging_utils import MetricsLog, run_banner, setup_logging
+from .loop import Run, StepOptions, TrainingDiverged, TrainState, train_one_epoch
 from .losses import Criterion, DistillationLoss
 from .optim import create_optimizer, param_groups
-from .precision import amp_setup, autocast
+from .precision import amp_setup
 from .preemption import Preempted, StopSignal, elastic_restart_count
 from .readers import report_bad_reads
 from .runlock import hold_run_lock
@@ -59,23 +55,9 @@ from .weights import load_weights
 
 log = logging.getLogger("xcit")
 
+__all__ = ["TrainState", "TrainingDiverged", "build_model", "fit"]
+
 CKPT_PATTERN = "ckpt_e*.pth"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; training stopped before the bad step changed the weights."""
-
-
-@dataclass
-class TrainState:
-    """Where training stands: ``epoch`` is the epoch to run next (or the one in progress mid-epoch)."""
-
-    epoch: int = 0
-    step: int = 0
-    batches_done: int = 0  # batches of ``epoch`` already trained (mid-epoch checkpoints)
-    loss_sum: float = 0.0  # the epoch's step losses so far and their count: a resumed epoch reports all of them
-    loss_steps: int = 0
-    best_top1: float = -1.0
 
 
 def fit(
@@ -103,256 +85,194 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
     for line in notices(cfg, set(explicit)):
         log.info("notice: %s", line)
     _seed_everything(cfg.seed)  # the same initial weights on every rank (the EMA copy is made before DDP syncs)
-
-    # -- data ----------------------------------------------------------------------------------------------------
-    need_val = cfg.val_while_train or bool(cfg.results_file)
-    train_set, val_set = build_datasets(cfg, need_val=need_val, cache_dir=out / "data_index")  # listed once a job
-    classes = train_set.classes
-    num_classes = _num_classes(cfg.num_classes, classes)
-    train_set = train_subset(train_set, cfg.num_samples, cfg.seed)
-    loader = train_loader(train_set, cfg, world.size, world.rank)
-    vloader = val_loader(val_set, cfg.batch_size, cfg.num_parallel_workers, world.size, world.rank) if val_set else None
-    accum = cfg.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(loader) / accum)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_set)} training images make no full batch of {cfg.batch_size} x {world.size}")
-    mixup = mixup_fn(cfg, num_classes)
-    criterion = Criterion(cfg.loss, 0.0 if mixup else cfg.label_smoothing, cfg.reduction)  # mixup smooths itself
-
-    # -- model ---------------------------------------------------------------------------------------------------
-    torch.backends.cudnn.benchmark = world.device.type == "cuda"  # fixed input size: pick the fastest conv kernels
-    model = build_model(cfg, num_classes, world.device)
-    ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None  # before SyncBN/compile/DDP (official)
-    train_model = _wrap(model, cfg, world)
-    _seed_everything(cfg.seed + world.rank)  # official main.py: seed + rank, so drop path differs across ranks
-
-    # -- optimiser -----------------------------------------------------------------------------------------------
-    global_batch = cfg.batch_size * world.size * accum
-    lr = cfg.lr * global_batch / 512 if cfg.lr_scale == "linear" else cfg.lr
-    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_filter, cfg.layer_decay)
-    optimizer = create_optimizer(groups, cfg.opt, lr, cfg.momentum, cfg.eps, cfg.use_nesterov, world.device)
-    schedule = LRSchedule(
-        optimizer,
-        lr,
-        steps_per_epoch,
-        cfg.epoch_size,
-        scheduler=cfg.scheduler,
-        warmup_epochs=cfg.warmup_epochs,
-        warmup_start=cfg.warmup_lr if cfg.warmup_lr is not None else lr * cfg.warmup_factor,
-        min_lr=cfg.min_lr,
-        decay_epochs=cfg.decay_epochs,
-        decay_rate=cfg.decay_rate,
-        milestones=tuple(cfg.multi_step_decay_milestones),
-        stair=cfg.lr_epoch_stair,
-        num_cycles=cfg.num_cycles,
-        cycle_decay=cfg.cycle_decay,
-    )
-    amp_dtype, scaler = amp_setup(cfg.amp_level, cfg.amp_dtype, cfg.loss_scale, world.device)
+    data = _build_data(cfg, world, out)
+    run, opts, lr = _build_run(cfg, world, data)
+    rng = _resume(cfg, out, run, data.classes, world.is_main)
     val_dtype, _ = amp_setup(cfg.val_amp_level, cfg.amp_dtype, 1.0, world.device)
-    if cfg.distillation_type != "none":
-        teacher = build_teacher(cfg.teacher_model, cfg.teacher_path, num_classes, world.device)
-        criterion = DistillationLoss(
-            criterion, teacher, cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau, amp_dtype
-        )
-        if world.is_main:
-            log.info("distillation %s from %s (%s), alpha %g, tau %g", cfg.distillation_type, cfg.teacher_model,
-                     cfg.teacher_path, cfg.distillation_alpha, cfg.distillation_tau)  # fmt: skip
-
-    # -- resume --------------------------------------------------------------------------------------------------
-    state, rng = TrainState(), None
-    resume_from = _resume_point(cfg, out)
-    if resume_from is not None:
-        state, rng = restore(*resume_from, cfg, classes, model, ema, optimizer, schedule, scaler, loader.sampler)
-        if state.epoch >= cfg.epoch_size and world.is_main:  # e.g. --resume auto once more after the end
-            log.info("%s: the run had finished (epoch %d of %d): nothing left to train", resume_from[0], state.epoch,
-                     cfg.epoch_size)  # fmt: skip
     if world.is_main:
-        run_banner(cfg, world, model, len(train_set), len(val_set or []), classes, steps_per_epoch, lr, amp_dtype)
+        run_banner(cfg, world, run.model, len(data.train_set), len(data.val_set or []), data.classes,
+                   data.steps_per_epoch, lr, opts.amp_dtype)  # fmt: skip
         save_config(cfg, out / "config.yaml", header=f"resolved config of this run ({cfg.model})")
-    metrics = MetricsLog(out, state.epoch, cfg.tensorboard) if world.is_main else None
-
-    def save(names: list[str]) -> None:  # every rank calls it (the RNG states are gathered)
-        rngs = distributed.all_gather_object(capture_rng_state())
-        if world.is_main:
-            ckpt = checkpoint_state(cfg, model, ema, optimizer, schedule, scaler, loader.sampler, state, rngs, classes)
-            for name in names:
-                save_checkpoint(out / name, ckpt)
-            _prune(out, cfg.ckpt_save_policy, cfg.keep_checkpoint_max, metrics.rows if metrics else [])
-
-    def after_step(st: TrainState) -> None:
-        name = f"ckpt_e{st.epoch:04d}_s{st.step:08d}.pth"
-        saved = cfg.ckpt_interval_steps and st.step % cfg.ckpt_interval_steps == 0 and st.batches_done < len(loader)
-        if saved:
-            save([name])
-        if on_step is not None:
-            on_step(st)
-        signum = stop.agreed(world.device) if stop is not None else 0  # all ranks stop after the same step
-        if signum:
-            if not saved:
-                save([name])
-            raise Preempted(signum, str(out / name) if world.is_main else None)
-
+    saver = _Saver(cfg, out, run, data.classes, world.is_main)
+    after_step = _after_step(cfg, out, saver, len(run.loader), world, on_step, stop)
     if rng is not None:  # last, so that nothing above shifts the restored random streams
         restore_rng_state(rng[world.rank] if len(rng) == world.size else rng[0])
 
-    # -- loop ----------------------------------------------------------------------------------------------------
-    last_val = None
-    for epoch in range(state.epoch, cfg.epoch_size):
-        state.epoch = epoch
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            train_model,
-            loader,
-            optimizer,
-            schedule,
-            criterion,
-            state,
-            device=world.device,
-            epochs=cfg.epoch_size,
-            world_size=world.size,
-            mixup=mixup,
-            ema=ema,
-            scaler=scaler,
-            amp_dtype=amp_dtype,
-            accum=accum,
-            clip_value=cfg.clip_value if cfg.clip_grad else None,
-            freeze_bn=cfg.freeze_bn,
-            channels_last=cfg.channels_last,
-            log_interval=cfg.log_interval,
-            on_step=after_step,
-            last_checkpoint=lambda: latest_checkpoint(out, CKPT_PATTERN) if world.is_main else None,
-        )
-        stats["bad_images"] = report_bad_reads(loader, f"epoch {epoch + 1}", "replaced by the next good image", 10)
-        state.epoch, state.batches_done, state.loss_sum, state.loss_steps = epoch + 1, 0, 0.0, 0
-        last_val = None
-        if vloader is not None and (
-            (cfg.val_while_train and (epoch + 1) % cfg.val_interval == 0) or epoch + 1 == cfg.epoch_size
-        ):
-            last_val = evaluate(ema.module if ema else model, vloader, world.device, val_dtype, cfg.channels_last)
-        is_best = last_val is not None and last_val["top1"] > state.best_top1
-        if is_best:
-            state.best_top1 = last_val["top1"]
-        _log_epoch(epoch, cfg.epoch_size, stats, last_val, state)
-        if metrics is not None:
-            metrics.add({"epoch": epoch, "step": state.step, **stats, **_val_columns(last_val)})
-        names = ["best.pth"] if is_best else []
-        if (epoch + 1) % cfg.ckpt_save_interval == 0 or epoch + 1 == cfg.epoch_size:
-            names.insert(0, f"ckpt_e{epoch + 1:04d}.pth")
-        if names:
-            save(names)
+    def validate() -> dict:
+        model = run.ema.module if run.ema else run.model
+        return evaluate(model, data.val_loader, world.device, val_dtype, cfg.channels_last)
 
-    # -- report --------------------------------------------------------------------------------------------------
-    if last_val is None and vloader is not None:  # nothing left to train (resumed a finished run)
-        last_val = evaluate(ema.module if ema else model, vloader, world.device, val_dtype, cfg.channels_last)
+    last_val = None
+    for epoch in range(run.state.epoch, cfg.epoch_size):
+        run.state.epoch = epoch
+        run.loader.sampler.set_epoch(epoch)
+        last_checkpoint = (lambda: latest_checkpoint(out, CKPT_PATTERN)) if world.is_main else (lambda: None)
+        stats = train_one_epoch(run, opts, after_step, last_checkpoint)
+        stats["bad_images"] = report_bad_reads(run.loader, f"epoch {epoch + 1}", "replaced by the next good image", 10)
+        st = run.state
+        st.epoch, st.batches_done, st.loss_sum, st.loss_steps = epoch + 1, 0, 0.0, 0
+        validating = cfg.val_while_train and (epoch + 1) % cfg.val_interval == 0
+        last_val = validate() if data.val_loader is not None and (validating or epoch + 1 == cfg.epoch_size) else None
+        saver.epoch_end(epoch, stats, last_val)
+
+    if last_val is None and data.val_loader is not None:  # nothing left to train (resumed a finished run)
+        last_val = validate()
     result = _finish(cfg, out, last_val, world.is_main)
-    if metrics is not None:
-        metrics.close()
+    saver.close()
     distributed.barrier()
     return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The epoch
+# Setting up: data, the run, resuming
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader,
-    optimizer: torch.optim.Optimizer,
-    schedule: LRSchedule,
-    criterion: Criterion | DistillationLoss,
-    state: TrainState,
-    *,
-    device: torch.device,
-    epochs: int,
-    world_size: int = 1,
-    mixup=None,
-    ema=None,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
-    accum: int = 1,
-    clip_value: float | None = None,
-    freeze_bn: bool = False,
-    channels_last: bool = False,
-    log_interval: int = 100,
-    on_step: Callable[[TrainState], None] | None = None,
-    last_checkpoint: Callable[[], Path | None] = lambda: None,
-) -> dict:
-    """One epoch (or its rest, after a mid-epoch resume). Returns ``train_loss``, ``lr``, ``epoch_time`` and
-    ``img_per_sec`` (global). The loss of each step is the mean over all ranks' images."""
-    model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    inner = model.module if isinstance(model, DDP) else model
-    inner = getattr(inner, "_orig_mod", inner)  # torch.compile wrapper
-    start_batch = loader.sampler.start_batch  # read before iterating: iterating consumes the resume position
-    total, batch = len(loader), loader.batch_size
-    bar = tqdm(total=total, initial=start_batch, desc=f"epoch {state.epoch + 1}/{epochs}", dynamic_ncols=True,
-               disable=None if distributed.is_main() else True, leave=False)  # fmt: skip
-    micro = torch.zeros((), device=device)
-    t0 = time.perf_counter()
-    step_lr = schedule.lr_at(max(0, schedule.last_step - 1))  # the lr of the last step taken
-    for i, (x, y) in enumerate(loader, start=start_batch):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if mixup is not None:
-            x, y = mixup(x, y)
-        boundary = (i + 1) % accum == 0 or i + 1 == total
-        no_sync = model.no_sync() if isinstance(model, DDP) and not boundary else contextlib.nullcontext()
-        with no_sync:
-            with autocast(device, amp_dtype):
-                logits = model(x)
-            loss = criterion(logits, y, x)
-            scaler.scale(loss / accum).backward()
-        micro += loss.detach() / accum
-        bar.update(1)
-        if not boundary:
-            continue
-        step_loss = distributed.all_reduce_mean(micro.clone()).item()
-        micro.zero_()
-        if not math.isfinite(step_loss):
-            bar.close()
-            raise TrainingDiverged(
-                f"loss is {step_loss} at epoch {state.epoch + 1}, step {state.step + 1}: stopped before this step "
-                f"changed the weights. Last good checkpoint: {last_checkpoint() or 'none written yet'}. Try a "
-                f"lower lr, clip_grad: True, or amp_level O0 / amp_dtype bf16."
-            )
-        if clip_value is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_value)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step_lr = schedule.get_last_lr()  # the lr this step used
-        schedule.step()
-        if ema is not None:
-            ema.update(inner)
-        state.step, state.batches_done = state.step + 1, i + 1
-        state.loss_sum, state.loss_steps = state.loss_sum + step_loss, state.loss_steps + 1
-        done = (i + 1 - start_batch) * batch * world_size
-        ips = done / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{step_lr:.2e}", img_s=f"{ips:.0f}")
-        if state.step % log_interval == 0 or i + 1 == total:
-            step_log.info(
-                "epoch %d/%d step %d/%d loss %.6f lr %.9e img/s %.0f",
-                state.epoch + 1, epochs, i + 1, total, step_loss, step_lr, ips,
-            )  # fmt: skip
+@dataclass
+class _Data:
+    train_set: object
+    val_set: object | None
+    classes: list[str]
+    num_classes: int
+    loader: object
+    val_loader: object | None
+    steps_per_epoch: int
+
+
+def _build_data(cfg: TrainConfig, world: distributed.World, out: Path) -> _Data:
+    """The datasets (listed once a job, cached in ``out/data_index``) and their loaders."""
+    need_val = cfg.val_while_train or bool(cfg.results_file)
+    train_set, val_set = build_datasets(cfg, need_val=need_val, cache_dir=out / "data_index")
+    classes = train_set.classes
+    num_classes = _num_classes(cfg.num_classes, classes)
+    train_set = train_subset(train_set, cfg.num_samples, cfg.seed)
+    loader = train_loader(train_set, cfg, world.size, world.rank)
+    vloader = val_loader(val_set, cfg.batch_size, cfg.num_parallel_workers, world.size, world.rank) if val_set else None
+    steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} training images make no full batch of {cfg.batch_size} x {world.size}")
+    return _Data(train_set, val_set, classes, num_classes, loader, vloader, steps_per_epoch)
+
+
+def _build_run(cfg: TrainConfig, world: distributed.World, data: _Data) -> tuple[Run, StepOptions, float]:
+    """Model, EMA, optimiser, schedule, precision and loss of ``cfg``: the run, how its steps run, its (scaled) lr."""
+    torch.backends.cudnn.benchmark = world.device.type == "cuda"  # fixed input size: pick the fastest conv kernels
+    model = build_model(cfg, data.num_classes, world.device)
+    ema = ModelEma(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None  # before SyncBN/compile/DDP (official)
+    train_model = _wrap(model, cfg, world)
+    _seed_everything(cfg.seed + world.rank)  # official main.py: seed + rank, so drop path differs across ranks
+
+    accum = cfg.gradient_accumulation_steps
+    global_batch = cfg.batch_size * world.size * accum
+    lr = cfg.lr * global_batch / 512 if cfg.lr_scale == "linear" else cfg.lr
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_filter, cfg.layer_decay)
+    optimizer = create_optimizer(groups, cfg.opt, lr, cfg.momentum, cfg.eps, cfg.use_nesterov, world.device)
+    schedule = _schedule(cfg, optimizer, lr, data.steps_per_epoch)
+    amp_dtype, scaler = amp_setup(cfg.amp_level, cfg.amp_dtype, cfg.loss_scale, world.device)
+    mixup = mixup_fn(cfg, data.num_classes)
+    criterion = _criterion(cfg, mixup is not None, data.num_classes, amp_dtype, world)
+    run = Run(model, train_model, ema, optimizer, schedule, scaler, criterion, data.loader, mixup)
+    opts = StepOptions(
+        world.device, cfg.epoch_size, world.size, amp_dtype, accum,
+        cfg.clip_value if cfg.clip_grad else None, cfg.freeze_bn, cfg.channels_last, cfg.log_interval,
+    )  # fmt: skip
+    return run, opts, lr
+
+
+def _schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, lr: float, steps_per_epoch: int) -> LRSchedule:
+    warmup_start = cfg.warmup_lr if cfg.warmup_lr is not None else lr * cfg.warmup_factor
+    return LRSchedule(
+        optimizer, lr, steps_per_epoch, cfg.epoch_size, scheduler=cfg.scheduler, warmup_epochs=cfg.warmup_epochs,
+        warmup_start=warmup_start, min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
+        milestones=tuple(cfg.multi_step_decay_milestones), stair=cfg.lr_epoch_stair, num_cycles=cfg.num_cycles,
+        cycle_decay=cfg.cycle_decay,
+    )  # fmt: skip
+
+
+def _criterion(cfg: TrainConfig, mixup: bool, num_classes: int, amp_dtype, world: distributed.World):
+    """The label loss (mixup smooths its targets itself), wrapped in the distillation loss when a teacher is set."""
+    criterion = Criterion(cfg.loss, 0.0 if mixup else cfg.label_smoothing, cfg.reduction)
+    if cfg.distillation_type == "none":
+        return criterion
+    teacher = build_teacher(cfg.teacher_model, cfg.teacher_path, num_classes, world.device)
+    if world.is_main:
+        log.info("distillation %s from %s (%s), alpha %g, tau %g", cfg.distillation_type, cfg.teacher_model,
+                 cfg.teacher_path, cfg.distillation_alpha, cfg.distillation_tau)  # fmt: skip
+    return DistillationLoss(
+        criterion, teacher, cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau, amp_dtype
+    )
+
+
+def _resume(cfg: TrainConfig, out: Path, run: Run, classes: list[str], is_main: bool) -> list | None:
+    """Restore the run from its resume point, if any; returns the saved RNG states (restored last by the caller)."""
+    resume_from = _resume_point(cfg, out)
+    if resume_from is None:
+        return None
+    rng = run.load_state_dict(*resume_from, cfg.model, classes)
+    if run.state.epoch >= cfg.epoch_size and is_main:  # e.g. --resume auto once more after the end
+        log.info("%s: the run had finished (epoch %d of %d): nothing left to train", resume_from[0], run.state.epoch,
+                 cfg.epoch_size)  # fmt: skip
+    return rng
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# During the run: checkpoints, metrics, stopping
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Saver:
+    """Epoch ends (best top-1, metrics row, epoch checkpoints, pruning) and checkpoint writes on rank 0."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, run: Run, classes: list[str], is_main: bool):
+        self.cfg, self.out, self.run, self.classes, self.is_main = cfg, out, run, classes, is_main
+        self.metrics = MetricsLog(out, run.state.epoch, cfg.tensorboard) if is_main else None
+
+    def save(self, names: list[str]) -> None:
+        """Write the run's state under each of ``names``. Every rank calls it (the RNG states are gathered)."""
+        rngs = distributed.all_gather_object(capture_rng_state())
+        if not self.is_main:
+            return
+        ckpt = self.run.state_dict(self.cfg.to_dict(), self.cfg.model, self.classes, rngs)
+        for name in names:
+            save_checkpoint(self.out / name, ckpt)
+        _prune(self.out, self.cfg.ckpt_save_policy, self.cfg.keep_checkpoint_max, self.metrics.rows)
+
+    def epoch_end(self, epoch: int, stats: dict, val: dict | None) -> None:
+        state, cfg = self.run.state, self.cfg
+        is_best = val is not None and val["top1"] > state.best_top1
+        if is_best:
+            state.best_top1 = val["top1"]
+        _log_epoch(epoch, cfg.epoch_size, stats, val, state)
+        if self.metrics is not None:
+            self.metrics.add({"epoch": epoch, "step": state.step, **stats, **_val_columns(val)})
+        names = ["best.pth"] if is_best else []
+        if (epoch + 1) % cfg.ckpt_save_interval == 0 or epoch + 1 == cfg.epoch_size:
+            names.insert(0, f"ckpt_e{epoch + 1:04d}.pth")
+        if names:
+            self.save(names)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _after_step(cfg: TrainConfig, out: Path, saver: _Saver, batches: int, world, on_step, stop) -> Callable:
+    """What runs after each optimiser step: step checkpoints, the caller's ``on_step``, and stopping on a signal."""
+
+    def after_step(st: TrainState) -> None:
+        name = f"ckpt_e{st.epoch:04d}_s{st.step:08d}.pth"
+        saved = cfg.ckpt_interval_steps and st.step % cfg.ckpt_interval_steps == 0 and st.batches_done < batches
+        if saved:
+            saver.save([name])
         if on_step is not None:
-            on_step(state)
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    seen = (total - start_batch) * batch * world_size
-    return {
-        "train_loss": state.loss_sum / state.loss_steps if state.loss_steps else float("nan"),
-        "lr": step_lr,
-        "epoch_time": elapsed,
-        "img_per_sec": seen / max(elapsed, 1e-9),
-    }
+            on_step(st)
+        signum = stop.agreed(world.device) if stop is not None else 0  # all ranks stop after the same step
+        if signum:
+            if not saved:
+                saver.save([name])
+            raise Preempted(signum, str(out / name) if world.is_main else None)
+
+    return after_step
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -417,31 +337,6 @@ def _seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_state(
-    cfg: TrainConfig, model, ema, optimizer, schedule, scaler, sampler, state: TrainState, rngs: list, classes
-) -> dict:
-    """The full training state as ``weights_only``-safe values (see the module docstring)."""
-    return {
-        "model": model.state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None,
-        "ema_updates": ema.updates if ema is not None else 0,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": state.epoch,
-        "step": state.step,
-        "sampler": sampler.state_dict(batches_done=state.batches_done),
-        "epoch_loss": [state.loss_sum, state.loss_steps],  # the running mean of a mid-epoch checkpoint's epoch
-        "rng": rngs,
-        "config": cfg.to_dict(),
-        "classes": list(classes),
-        "arch": cfg.model,
-        "model_config": dataclasses.asdict(model.cfg),
-        "flavour": model.flavour,
-        "best_top1": state.best_top1,
-    }
-
-
 def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path, dict | None] | None:
     """The checkpoint to resume from, and its contents when choosing it meant reading it (``resume auto``)."""
     restarts = elastic_restart_count()  # torchrun --max_restarts: a restarted job resumes by itself
@@ -456,40 +351,6 @@ def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path, dict | None] | Non
     if cfg.ckpt_path and cfg.resume_opt:
         return Path(cfg.ckpt_path), None
     return None
-
-
-def restore(
-    path: Path, ckpt: dict | None, cfg: TrainConfig, classes, model, ema, optimizer, schedule, scaler, sampler
-) -> tuple[TrainState, list | None]:
-    """Load a full checkpoint (``ckpt``, or read from ``path``) into the run's objects. Returns the state and the
-    saved RNG states (restored by the caller once setup is over). A checkpoint of another model or class list is
-    refused."""
-    ckpt = load_checkpoint(path) if ckpt is None else ckpt
-    if ckpt.get("arch") != cfg.model or list(ckpt.get("classes") or classes) != list(classes):
-        raise ConfigError(
-            f"{path} was trained as {ckpt.get('arch')!r} on {len(ckpt.get('classes') or [])} classes; this run is "
-            f"{cfg.model!r} on {len(classes)} classes"
-        )
-    model.load_state_dict(ckpt["model"])
-    if ema is not None:
-        ema.module.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
-        ema.updates = int(ckpt.get("ema_updates", ckpt["step"]))  # older checkpoints: one update per step
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: cannot resume this run's optimiser or data order from it ({e})") from None
-    schedule.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    state = TrainState(int(ckpt["epoch"]), int(ckpt["step"]), 0, float(ckpt.get("best_top1", -1.0)))
-    if ckpt["sampler"]["epoch"] == state.epoch:
-        state.batches_done = sampler.start_batch
-        state.loss_sum, state.loss_steps = (float(v) for v in ckpt.get("epoch_loss", (0.0, 0)))
-        state.loss_steps = int(state.loss_steps)
-    log.info("resumed %s: epoch %d, step %d%s", path, state.epoch, state.step,
-             f" (+{state.batches_done} batches)" if state.batches_done else "")  # fmt: skip
-    return state, ckpt.get("rng")
 
 
 def _prune(out: Path, policy: str, keep: int, rows: list[dict]) -> None:
