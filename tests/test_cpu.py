@@ -1,5 +1,6 @@
 """CPU-family dispatch (``xcit.cpu``): detection, overrides, and every switch changing the path but not the values."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -123,3 +124,21 @@ def test_weight_cache_switch(tiny_kwargs):
     finally:
         cpu.set_paths()
     assert cpu.paths() == cpu.default_paths()
+
+
+@pytest.mark.slow
+def test_benchmark_cpu_paths_command_reports_every_switch(tmp_path, capsys):
+    """`xcit benchmark --cpu-paths` times each switch on and off and writes the measurements as JSON."""
+    import json
+
+    from xcit.commands.benchmark import main
+
+    out = tmp_path / "paths.json"
+    args = ["--cpu-paths", "--model", "xcit_nano_12_p16_224", "--batch", "1", "--rounds", "1", "--iters", "1"]
+    assert main([*args, "--results-file", str(out)]) == 0
+    res = json.loads(out.read_text())["cpu_paths"]
+    assert set(res["switches"]) == {f.name for f in dataclasses.fields(cpu.FastPaths)}
+    assert all(r["img_per_s_on"] > 0 and r["img_per_s_off"] > 0 for r in res["switches"].values())
+    assert res["family"] == cpu.family() and "linear_gelu_bf16_ms" in res["ops"]
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in res["switches"])

@@ -73,6 +73,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="top-1 agreement of bf16/fp16 with fp32 on an ImageFolder split (use with --pretrained)",
     )
+    p.add_argument(
+        "--cpu-paths",
+        action="store_true",
+        help="time each CPU fast-path switch on and off (eager inference, alternating) and say which this CPU wants",
+    )
     p.add_argument("--results_file", "--results-file", dest="results_file", default=None, help="write JSON here")
     return p.parse_args(argv)
 
@@ -176,6 +181,23 @@ def agreement(folder: str, name: str, pretrained: str | None, device: str, batch
     return out
 
 
+def cpu_paths(name: str, batch: int, rounds: int, iters: int) -> dict:
+    """:func:`xcit.cpu_bench.measure`, printed: every switch's on/off ratio here, and the op-level times."""
+    from .. import cpu_bench
+
+    res = cpu_bench.measure(name, batch, rounds, iters)
+    print(f"CPU family {res['family']} (detected {res['detected_family']}, ATen {res['capability']}), "
+          f"{res['threads']} threads, {name} batch {batch}, eager inference")  # fmt: skip
+    for switch, r in res["switches"].items():
+        lo, hi = r["round_on_over_off"]
+        verdict = "faster on" if r["faster_here"] else "faster off"
+        print(f"  {switch:<20} {r['precision']}  on {r['img_per_s_on']:7.1f} img/s, off {r['img_per_s_off']:7.1f}:"
+              f" on/off {r['on_over_off']:.3f} (rounds {lo:.3f}..{hi:.3f}), {verdict}")  # fmt: skip
+    for op, t in res["ops"].items():
+        print(f"  {op}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.threads:
@@ -194,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  ours/timm {res['ratio']:.3f}"
         )
         results["data_formats"] = formats(folder, args.rounds, args.settle)
+    elif args.cpu_paths:
+        results["cpu_paths"] = cpu_paths(args.model, args.batch, args.rounds, args.iters)
     elif args.agreement:
         size = args.img_size if args.img_size != 224 else None  # default: the checkpoint's own resolution
         res = agreement(args.agreement, args.model, args.pretrained, args.device, args.batch, size)
