@@ -195,7 +195,7 @@ def test_xcit_shard_writes_a_folder_as_shards_that_webdataset_and_training_read(
 
 @pytest.mark.slow
 def test_data_benchmark_times_every_format_beside_timm(tmp_path):
-    from xcit import benchmark as B
+    from xcit import bench_data as B
     from xcit.bench_formats import bench_formats
 
     folder = B.write_jpegs(tmp_path / "jpegs", n=3, size=(80, 60))
