@@ -114,7 +114,7 @@ class TrainConfig:
     # -- model -----------------------------------------------------------------------------------------------------
     model: str = _k("xcit_tiny_12_p16_224", "variant name (see `xcit models`)")
     num_classes: int | None = _k(None, "classifier size; default: the number of training classes")
-    in_channels: int = _k(3, "input channels (images are converted to RGB, so 3)")
+    in_channels: int = _k(3, "input channels: 3 (RGB), 1 (grey) or 4 (RGBA / 4-band files as stored)")
     drop_rate: float | None = _k(None, "dropout before the head")
     drop_path_rate: float | None = _k(None, "stochastic depth, the same rate in every block")
     model_overrides: dict = _k({}, "architecture overrides, e.g. {embed_dim: 64, depth: 4}", xcit=True)
@@ -424,10 +424,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
         lo, hi = getattr(cfg, key)
         if not 0 < lo <= hi:
             raise ConfigError(f"bad value for {key!r}: {[lo, hi]} must be two numbers 0 < low <= high")
-    if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
-        raise ConfigError("bad value for 'mean'/'std': three values each, std > 0")
-    if cfg.in_channels != 3:
-        raise ConfigError(f"bad value for 'in_channels': {cfg.in_channels}; images are converted to RGB, so 3")
+    if cfg.in_channels not in (1, 3, 4):
+        raise ConfigError(f"bad value for 'in_channels': {cfg.in_channels}; images are read as 1 (grey), 3 (RGB) or 4")
+    if cfg.in_channels == 4 and cfg.auto_augment:
+        raise ConfigError("'auto_augment' needs RGB or grey images (its colour ops refuse 4 bands): unset it for 4")
+    if len(cfg.mean) not in {1, 3, cfg.in_channels} or len(cfg.std) != len(cfg.mean) or min(cfg.std) <= 0:
+        raise ConfigError(f"bad value for 'mean'/'std': 1, 3 or {cfg.in_channels} values each, std > 0")
     if cfg.aug_splits not in (0, 1):
         raise ConfigError(f"bad value for 'aug_splits': {cfg.aug_splits}; AugMix split BN is not supported (use 0)")
     if cfg.aux_factor != 0:

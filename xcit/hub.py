@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import preprocessing
 from .arch import VARIANTS, get_config
 from .fileio import atomic_write
 from .weights import save_safetensors
@@ -35,8 +36,6 @@ log = logging.getLogger("xcit")
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # XCiTConfig fields that timm's xcit constructor accepts under the same name (timm/models/xcit.py Xcit.__init__)
 TIMM_ARGS = (
@@ -55,25 +54,6 @@ TIMM_ARGS = (
 )
 
 
-def default_pretrained_cfg(model: nn.Module, img_size: int | None = None) -> dict:
-    """timm-style preprocessing of the official weights: bicubic, ImageNet mean/std, and a full centre crop
-    (crop_pct 1.0: the official README's results use ``--full_crop``; timm records the same)."""
-    size = img_size or model.cfg.img_size
-    return {
-        "architecture": model.name,
-        "input_size": (model.cfg.in_chans, size, size),
-        "interpolation": "bicubic",
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "num_classes": model.num_classes,
-        "fixed_input_size": False,  # the Fourier encoding is recomputed per grid: any multiple of the patch works
-        "first_conv": "patch_embed.proj.0.0",
-        "classifier": "head",
-    }
-
-
 def hub_config(model: nn.Module, pretrained_cfg: dict | None = None) -> dict:
     """The ``config.json`` contents for a model (see the module docstring)."""
     if not model.name or model.name not in VARIANTS:
@@ -83,7 +63,7 @@ def hub_config(model: nn.Module, pretrained_cfg: dict | None = None) -> dict:
         )
     base = get_config(model.name)
     cfg = replace(model.cfg, num_classes=model.num_classes)
-    pcfg = dict(default_pretrained_cfg(model))
+    pcfg = preprocessing.pretrained_cfg(model, preprocessing.model_preprocessing(model))
     pcfg.update(pretrained_cfg or {})
     config = {
         "architecture": model.name,

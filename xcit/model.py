@@ -94,7 +94,7 @@ def _add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
     if torch.compiler.is_compiling():  # a bias-free GEMM; inductor fuses both adds into the next LayerNorm
         return shortcut + bias + x @ weight.t()
-    if not _accumulates(shortcut, x, weight):
+    if not _accumulates(shortcut, x, weight) or not shortcut.is_contiguous():  # e.g. tokens of an NCHW 1-channel stem
         return shortcut + F.linear(x, weight, bias)
     out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
     out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())

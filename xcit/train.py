@@ -368,6 +368,7 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
         cfg.model,
         pretrained=pretrained,
         num_classes=num_classes,
+        in_chans=cfg.in_channels,
         drop_path_rate=cfg.drop_path_rate or 0.0,
         drop_rate=cfg.drop_rate or 0.0,
         **cfg.model_overrides,
