@@ -29,7 +29,7 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
-from .optim import WD_FILTERS
+from .optim import WD_FILTERS, optim_notices
 
 
 def _k(default: Any, help_: str, *, xcit: bool = False) -> Any:
@@ -115,7 +115,8 @@ class TrainConfig:
     model: str = _k("xcit_tiny_12_p16_224", "variant name (see `xcit models`)")
     num_classes: int | None = _k(None, "classifier size; default: the number of training classes")
     in_channels: int = _k(3, "input channels: 3 (RGB), 1 (grey) or 4 (RGBA / 4-band files as stored)")
-    drop_rate: float | None = _k(None, "dropout before the head")
+    drop_rate: float | None = _k(None, "dropout after the pos. encoding, the attention projections, in the MLPs")
+    head_drop_rate: float = _k(0.0, "dropout before the head (timm's drop_rate)", xcit=True)
     drop_path_rate: float | None = _k(None, "stochastic depth, the same rate in every block")
     model_overrides: dict = _k({}, "architecture overrides, e.g. {embed_dim: 64, depth: 4}", xcit=True)
     pretrained: bool | str = _k(False, "weights to start from (any format); the head is reset to num_classes")
@@ -162,7 +163,7 @@ class TrainConfig:
         "norm_and_bias: 1-D params and biases only | auto (MindSpore filters norms): = official | disable",
     )
     filter_bias_and_bn: bool = _k(True, "older MindCV key: False means weight_decay_filter=disable")
-    eps: float = _k(1e-10, "optimiser epsilon")
+    eps: float = _k(1e-10, "rmsprop's epsilon (as in MindCV, the other optimisers use their own)")
     amp_level: str = _k("O0", "O0: fp32; O1/O2/O3: autocast (bf16 on CPU; bf16 or fp16 on CUDA, see amp_dtype)")
     val_amp_level: str = _k("O0", "amp_level for validation")
     amp_dtype: str = _k("auto", "autocast dtype on CUDA: auto (bf16 if supported) | bf16 | fp16", xcit=True)
@@ -359,7 +360,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data_format": ("auto", "folder", "wds", "hf"),
 }
 _PROBABILITIES = ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing", "warmup_factor")
-_PROBABILITIES += ("distillation_alpha",)
+_PROBABILITIES += ("distillation_alpha", "head_drop_rate")
 _NON_NEGATIVE = ("mixup", "cutmix", "weight_decay", "min_lr", "warmup_epochs", "aug_repeats", "ckpt_interval_steps")
 _POSITIVE = ("batch_size", "epoch_size", "image_resize", "val_interval", "log_interval", "lr", "keep_checkpoint_max")
 _POSITIVE += ("ckpt_save_interval", "gradient_accumulation_steps", "clip_value", "num_cycles", "decay_epochs")
@@ -461,7 +462,8 @@ def _check_model(cfg: TrainConfig) -> None:
         get_config(cfg.model)
     except ValueError as e:
         raise ConfigError(f"bad value for 'model': {e}") from None
-    allowed = {f.name for f in fields(XCiTConfig)} - {"num_classes", "in_chans", "drop_rate", "drop_path_rate"}
+    allowed = {f.name for f in fields(XCiTConfig)} - {"num_classes", "in_chans", "drop_path_rate"}
+    allowed -= {"drop_rate", "head_drop_rate"}
     for key in cfg.model_overrides:
         if key not in allowed:
             near = difflib.get_close_matches(key, sorted(allowed), n=1)
@@ -516,7 +518,7 @@ def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         out.append(f"re_max_attempts: {cfg.re_max_attempts} -> timm's random erasing makes 10 attempts")
     from .schedule import schedule_notices
 
-    return out + schedule_notices(cfg)
+    return out + schedule_notices(cfg) + optim_notices(cfg, explicit)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -127,26 +127,7 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
     _seed_everything(cfg.seed + world.rank)  # official main.py: seed + rank, so drop path differs across ranks
 
     # -- optimiser -----------------------------------------------------------------------------------------------
-    global_batch = cfg.batch_size * world.size * accum
-    lr = cfg.lr * global_batch / 512 if cfg.lr_scale == "linear" else cfg.lr
-    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_filter, cfg.layer_decay)
-    optimizer = create_optimizer(groups, cfg.opt, lr, cfg.momentum, cfg.eps, cfg.use_nesterov, world.device)
-    schedule = LRSchedule(
-        optimizer,
-        lr,
-        steps_per_epoch,
-        cfg.epoch_size,
-        scheduler=cfg.scheduler,
-        warmup_epochs=cfg.warmup_epochs,
-        warmup_start=cfg.warmup_lr if cfg.warmup_lr is not None else lr * cfg.warmup_factor,
-        min_lr=cfg.min_lr,
-        decay_epochs=cfg.decay_epochs,
-        decay_rate=cfg.decay_rate,
-        milestones=tuple(cfg.multi_step_decay_milestones),
-        stair=cfg.lr_epoch_stair,
-        num_cycles=cfg.num_cycles,
-        cycle_decay=cfg.cycle_decay,
-    )
+    optimizer, schedule, lr = build_optimizer(cfg, model, steps_per_epoch, world.size, world.device)
     amp_dtype, scaler = amp_setup(cfg.amp_level, cfg.amp_dtype, cfg.loss_scale, world.device)
     val_dtype, _ = amp_setup(cfg.val_amp_level, cfg.amp_dtype, 1.0, world.device)
     if cfg.distillation_type != "none":
@@ -371,6 +352,7 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
         in_chans=cfg.in_channels,
         drop_path_rate=cfg.drop_path_rate or 0.0,
         drop_rate=cfg.drop_rate or 0.0,
+        head_drop_rate=cfg.head_drop_rate,
         **cfg.model_overrides,
     )
     if cfg.ckpt_path and not cfg.resume_opt:
@@ -381,6 +363,34 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.to(device)
+
+
+def build_optimizer(
+    cfg: TrainConfig, model: nn.Module, steps_per_epoch: int, world_size: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, LRSchedule, float]:
+    """The optimiser over ``model``'s parameter groups, its per-step schedule and the base lr (``lr_scale``
+    applied to the global batch ``batch_size x world_size x gradient_accumulation_steps``)."""
+    global_batch = cfg.batch_size * world_size * cfg.gradient_accumulation_steps
+    lr = cfg.lr * global_batch / 512 if cfg.lr_scale == "linear" else cfg.lr
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_filter, cfg.layer_decay)
+    optimizer = create_optimizer(groups, cfg.opt, lr, cfg.momentum, cfg.eps, cfg.use_nesterov, device)
+    schedule = LRSchedule(
+        optimizer,
+        lr,
+        steps_per_epoch,
+        cfg.epoch_size,
+        scheduler=cfg.scheduler,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_start=cfg.warmup_lr if cfg.warmup_lr is not None else lr * cfg.warmup_factor,
+        min_lr=cfg.min_lr,
+        decay_epochs=cfg.decay_epochs,
+        decay_rate=cfg.decay_rate,
+        milestones=tuple(cfg.multi_step_decay_milestones),
+        stair=cfg.lr_epoch_stair,
+        num_cycles=cfg.num_cycles,
+        cycle_decay=cfg.cycle_decay,
+    )
+    return optimizer, schedule, lr
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, world: distributed.World) -> nn.Module:
