@@ -116,8 +116,10 @@ def create_optimizer(
 
 
 def optim_notices(cfg, explicit: set[str]) -> list[str]:
-    """A notice when ``eps`` is set for an optimiser that MindCV builds with its own epsilon."""
-    if "eps" not in explicit or cfg.opt == "rmsprop" or cfg.eps == MINDCV_EPS.get(cfg.opt, cfg.eps):
+    """A notice when ``eps`` is set for an optimiser that MindCV builds with its own epsilon (not when it is the
+    default, as in the config saved beside every checkpoint)."""
+    default = type(cfg).__dataclass_fields__["eps"].default
+    if "eps" not in explicit or cfg.opt == "rmsprop" or cfg.eps in (default, MINDCV_EPS.get(cfg.opt)):
         return []
     own = f"its own eps {MINDCV_EPS[cfg.opt]:g}" if cfg.opt in MINDCV_EPS else "no eps"
     return [f"eps: {cfg.eps:g} is not used: as in MindCV, only rmsprop takes eps; {cfg.opt} uses {own}"]
