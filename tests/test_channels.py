@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -111,3 +112,6 @@ def test_xcit_train_on_grey_and_four_band_images(tmp_path, channels):
     files = find_images([data / "val"])
     results, errors = predict(model, files, eval_transform(eval_preprocessing(model)), ["a", "b"], topk=1)
     assert len(results) == len(files) and not errors
+    scores = tmp_path / "val.json"
+    assert main(["validate", "--data_dir", str(data), "--ckpt_path", str(ckpt), "--results_file", str(scores)]) == 0
+    assert json.loads(scores.read_text())["num_images"] == len(files)
