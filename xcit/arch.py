@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from .limits import check_architecture
+
 FLAVOURS: tuple[str, ...] = ("official", "mindcv")
 
 
@@ -31,6 +33,7 @@ class XCiTConfig:
     flavour: str = "official"
 
     def __post_init__(self) -> None:
+        check_architecture(vars(self))  # types, ranges and size, before any division or allocation
         if self.patch_size not in (8, 16):
             raise ValueError(f"patch_size must be 8 or 16 (conv patch embedding), got {self.patch_size}")
         if self.embed_dim % self.num_heads:

@@ -407,8 +407,10 @@ def check(cfg: TrainConfig) -> None:
     _check_ranges(cfg)
     _check_model(cfg)
     _check_auto_augment(cfg)
+    from .limits import check_config_limits
     from .schedule import check_schedule
 
+    check_config_limits(cfg)
     check_schedule(cfg)
 
 
@@ -527,17 +529,11 @@ def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML recipe as a flat dict (empty file -> {}); a missing file or a nested mapping is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return data
+    """A YAML recipe as a flat dict (empty file -> {}); a folder, a missing or non-UTF-8 file, a key given twice
+    or a nested mapping is a ConfigError naming the file (:func:`xcit.recipe_file.read_recipe`)."""
+    from .recipe_file import read_recipe
+
+    return read_recipe(path)
 
 
 def build_parser(prog: str, description: str, keys: frozenset | None = None) -> argparse.ArgumentParser:
