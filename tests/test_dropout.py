@@ -81,6 +81,12 @@ def test_drop_rate_with_drop_path_and_backward():
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_timm_drop_rate_is_not_read_as_ours():
+    from xcit.hub import TIMM_ARGS
+
+    assert "drop_rate" not in TIMM_ARGS and "drop_path_rate" in TIMM_ARGS  # timm's drop_rate is the head dropout
+
+
 def test_config_keys():
     cfg = config_from_dict({"drop_rate": 0.1, "head_drop_rate": 0.2})
     assert (cfg.drop_rate, cfg.head_drop_rate) == (0.1, 0.2)

@@ -37,7 +37,8 @@ log = logging.getLogger("xcit")
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
-# XCiTConfig fields that timm's xcit constructor accepts under the same name (timm/models/xcit.py Xcit.__init__)
+# XCiTConfig fields that timm's xcit constructor accepts under the same name and meaning (timm/models/xcit.py
+# Xcit.__init__). Not drop_rate: timm's is the head dropout (head_drop_rate here), ours the official one
 TIMM_ARGS = (
     "img_size",
     "patch_size",
@@ -46,7 +47,6 @@ TIMM_ARGS = (
     "depth",
     "num_heads",
     "mlp_ratio",
-    "drop_rate",
     "drop_path_rate",
     "cls_attn_layers",
     "eta",
@@ -78,7 +78,7 @@ def hub_config(model: nn.Module, pretrained_cfg: dict | None = None) -> dict:
     if model.class_names:
         config["label_names"] = list(model.class_names)
     model_args = {k: getattr(cfg, k) for k in TIMM_ARGS if getattr(cfg, k) != getattr(base, k)}
-    model_args.pop("drop_rate", None), model_args.pop("drop_path_rate", None)  # training-only, not architecture
+    model_args.pop("drop_path_rate", None)  # training-only, not architecture
     if model_args:
         config["model_args"] = model_args
     return config
