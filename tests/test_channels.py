@@ -88,7 +88,7 @@ def _rgba_folder(root):
     return root
 
 
-@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("channels", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_xcit_train_on_grey_and_four_band_images(tmp_path, channels):
     """`xcit train` with MindCV's `in_channels`, then the checkpoint loads and predicts with the same preprocessing."""
     import timm
@@ -115,3 +115,4 @@ def test_xcit_train_on_grey_and_four_band_images(tmp_path, channels):
     scores = tmp_path / "val.json"
     assert main(["validate", "--data_dir", str(data), "--ckpt_path", str(ckpt), "--results_file", str(scores)]) == 0
     assert json.loads(scores.read_text())["num_images"] == len(files)
+    assert main(["attention", str(files[0]), "--pretrained", str(ckpt), "--out", str(tmp_path / "maps")]) == 0
