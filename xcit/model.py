@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import cpu, fused
 from .arch import XCiTConfig
+from .timm_api import TimmModelApi
 
 
 @contextlib.contextmanager
@@ -477,7 +478,7 @@ class ClassAttentionBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class XCiT(nn.Module):
+class XCiT(TimmModelApi, nn.Module):
     """Cross-covariance image transformer.
 
     ``forward(x)`` gives logits. ``forward(x, return_attention=True)`` gives ``(logits, attn)`` with ``attn`` the
