@@ -84,6 +84,8 @@ def test_hub_folder_and_training_checkpoint_resolve_their_preprocessing(tmp_path
     ckpt = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "arch": "xcit_nano_12_p16_224",
                 "model_config": dataclasses.asdict(model.cfg), "classes": ["a", "b", "c"]}, ckpt)  # fmt: skip
+    assert xcit.read_weights(ckpt).preprocessing == Preprocessing(48, 0.95, "bilinear", (0.5,) * 3, (0.2,) * 3)
+    assert xcit.read_weights(tmp_path / "hub" / "model.safetensors").preprocessing is None
     trained = xcit.load_model(ckpt)
     assert timm.data.resolve_data_config(model=trained) == {
         **OFFICIAL, "input_size": (3, 48, 48), "interpolation": "bilinear", "crop_pct": 0.95, "mean": (0.5,) * 3,

@@ -91,7 +91,7 @@ def model_from_weights(
     load_state_dict_checked(model, sd, strict=strict, drop_head=drop, source=w.source)
     classes = w.extra.get("classes")
     model.class_names = list(classes) if classes and not drop else None
-    timm_conventions(model, Preprocessing.from_recorded_config(w.config))
+    timm_conventions(model, w.preprocessing)
     epoch = f" from epoch {w.extra['epoch']}" if "epoch" in w.extra else ""
     if w.used_ema:
         log.info("%s: EMA weights%s", w.source, epoch)
@@ -149,6 +149,8 @@ def from_pretrained(
         cfg = XCiTConfig(**{k: v for k, v in config["xcit_config"].items() if k in _FIELDS})
     elif arch in VARIANTS:  # a timm hub folder: the variant plus timm's model_args
         args = {k: v for k, v in config.get("model_args", {}).items() if k in TIMM_ARGS}
+        if isinstance(args.get("img_size"), (list, tuple)):  # timm records (H, W); any multiple of the patch runs
+            args["img_size"] = int(max(args["img_size"]))
         cfg = replace(get_config(arch), num_classes=config.get("num_classes", 1000), **args)
     else:
         raise WeightsError(f"{config_file}: architecture {arch!r} is not an XCiT variant")

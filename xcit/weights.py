@@ -26,6 +26,7 @@ from .checkpoint import SUPPORTED, load_torch_file  # noqa: F401 - SUPPORTED: th
 from .errors import WeightsError
 from .fileio import atomic_write
 from .limits import check_recorded
+from .preprocessing import Preprocessing
 
 log = logging.getLogger("xcit")
 
@@ -52,6 +53,11 @@ class Weights:
     def num_classes(self) -> int | None:
         w = self.state_dict.get("head.weight")
         return None if w is None else int(w.shape[0])
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The evaluation preprocessing the file records (an ``xcit train`` checkpoint's training config), or None."""
+        return Preprocessing.from_recorded_config(self.config)
 
     def __repr__(self) -> str:  # a summary: the dataclass repr would print every tensor
         params = sum(v.numel() for v in self.state_dict.values())
