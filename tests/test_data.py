@@ -16,6 +16,7 @@ from xcit.config import load_config
 from xcit.data import DataError, build_datasets, mixup_fn, train_loader, val_loader
 from xcit.demo import write_digits
 from xcit.losses import Criterion
+from xcit.preprocessing import Preprocessing
 
 
 def make_folder(root: Path, classes=("a", "b", "c"), per_class: int = 6, size: int = 20, seed: int = 0) -> Path:
@@ -162,7 +163,8 @@ def test_recipe_transforms_come_from_timm(tmp_path):
     erase = train_transform(cfg).transforms[-1]
     assert (erase.min_area, erase.max_area, erase.mode) == (0.1, 0.2, "pixel")
     assert "ColorJitter" not in names  # timm switches it off under RandAugment, as the official recipe does
-    ev = eval_transform(load_config(["--image_resize", "224", "--crop_pct", "0.875", "--interpolation", "bicubic"])[0])
+    ev = eval_transform(Preprocessing.from_train_config(load_config(["--image_resize", "224", "--crop_pct", "0.875",
+                                                                     "--interpolation", "bicubic"])[0]))  # fmt: skip
     assert ev.transforms[0].size == 256 and ev.transforms[1].size == (224, 224)  # 224 / 0.875
     out = train_transform(cfg)(Image.fromarray(np.zeros((40, 50, 3), np.uint8)))
     assert out.shape == (3, 32, 32)
@@ -265,6 +267,6 @@ def test_transforms_give_timms_tensors(tmp_path):
     ev = load_config(["--image_resize", "32", "--crop_pct", "0.875", "--interpolation", "bicubic"])[0]
     ref = create_transform(32, is_training=False, crop_pct=0.875, interpolation="bicubic")
     img = Image.fromarray(rng.integers(0, 256, (50, 40, 3), dtype=np.uint8))
-    torch.testing.assert_close(eval_transform(ev)(img), ref(img), rtol=0, atol=1e-5)
+    torch.testing.assert_close(eval_transform(Preprocessing.from_train_config(ev))(img), ref(img), rtol=0, atol=1e-5)
     gray = ToNormalizedTensor((0.5,), (0.5,))(img.convert("L"))
     assert gray.shape == (1, 50, 40) and gray.min() >= -1 and gray.max() <= 1

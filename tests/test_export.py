@@ -45,6 +45,33 @@ def test_onnx_dynamo_from_program(model, inputs, program, tmp_path):
 
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(props["class_names"])[3] == "3"
+    graph = onnx.load(str(path)).graph
+    assert [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [
+        "batch", 3, "height", "width"
+    ]  # fmt: skip
+    assert [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", 10]
+
+
+def test_onnx_axes_are_named_batch_height_width():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from xcit.export import name_axes
+
+    shapes = {"image": ["s77", 3, "16*s52", "16*s80"], "t": ["s77", "s52*s80 + 1", 64], "logits": ["s77", 10]}
+    image, t, logits = (helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items())
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "g", [image], [logits], [], "",
+                              [t])  # fmt: skip
+    proto = helper.make_model(graph)
+    name_axes(proto)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in
+            (*proto.graph.input, *proto.graph.output, *proto.graph.value_info)}  # fmt: skip
+    assert dims == {
+        "image": ["batch", 3, "height", "width"],
+        "logits": ["batch", 10],
+        "t": ["batch", "height_patches*width_patches + 1", 64],
+    }
+    onnx.checker.check_model(proto)
 
 
 def test_torch_export_save_and_load(model, inputs, program, tmp_path):

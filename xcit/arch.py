@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
+from .limits import check_architecture
+
 FLAVOURS: tuple[str, ...] = ("official", "mindcv")
 
 
@@ -23,11 +25,15 @@ class XCiTConfig:
     cls_attn_layers: int = 2
     num_classes: int = 1000
     in_chans: int = 3
-    drop_rate: float = 0.0  # dropout before the head
+    # official xcit.py and MindCV: dropout after the positional encoding, after the XCA and class-attention
+    # projections and twice in every MLP (after the GELU and after fc2). timm calls these pos_drop_rate/proj_drop_rate
+    drop_rate: float = 0.0
+    head_drop_rate: float = 0.0  # dropout before the head: timm's drop_rate (the official code and MindCV have none)
     drop_path_rate: float = 0.0  # constant across blocks, not a linear ramp (official xcit.py)
     flavour: str = "official"
 
     def __post_init__(self) -> None:
+        check_architecture(vars(self))  # types, ranges and size, before any division or allocation
         if self.patch_size not in (8, 16):
             raise ValueError(f"patch_size must be 8 or 16 (conv patch embedding), got {self.patch_size}")
         if self.embed_dim % self.num_heads:

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .loading import adapt_input_channels
 from .model import XCiTPyramid
+from .preprocessing import pyramid_feature_info
 from .variants import create_model
 from .weights import load_state_dict_checked, read_weights
 
@@ -47,6 +49,8 @@ class XCiTBackbone(nn.Module):
         out_channels: channels of every level (the embedding dim), as torchvision's detectors expect.
         channels: per-level channels (for ``FeaturePyramidNetwork(in_channels_list=...)``).
         strides: (4, 8, 16, 32).
+        feature_info: timm's per-level ``num_chs`` / ``reduction`` / ``module``.
+        pretrained_cfg: timm's preprocessing record (:class:`xcit.preprocessing.Preprocessing`'s defaults).
     """
 
     strides = XCiTPyramid.strides
@@ -81,8 +85,10 @@ class XCiTBackbone(nn.Module):
         self.out_channels: int = self.body.out_channels
         self.channels: list[int] = list(self.body.channels)
         self.patch_size = model.patch_size
+        self.feature_info = pyramid_feature_info(self.body, "body.")
+        self.pretrained_cfg = model.pretrained_cfg
         if w is not None:
-            self._load(w.state_dict, pretrained)
+            self._load(adapt_input_channels(w.state_dict, model.cfg.in_chans, pretrained), pretrained)
 
     def _load(self, sd: dict[str, torch.Tensor], source: object) -> None:
         sd, unused = backbone_keys(sd)

@@ -30,6 +30,7 @@ import torch
 
 from .errors import WeightsError
 from .fileio import atomic_write
+from .limits import check_zip_inflation
 
 log = logging.getLogger("xcit")
 
@@ -115,6 +116,7 @@ def load_torch_file(path: str | os.PathLike, require_seal: bool = False) -> tupl
         head = f.read(4)
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # neither torch's zip nor a pickle
             raise WeightsError(f"{path}: not a weight file of any supported format ({SUPPORTED})")
+        check_zip_inflation(f, path)  # before torch extracts a member that inflates to gigabytes
         sealed = _seal_state(f)
         if sealed is False:
             raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt (changed after it was written)")
@@ -250,6 +252,8 @@ def recorded_progress(path: str | os.PathLike) -> tuple[int, int] | None:
     Read with ``mmap``: the pickle is parsed, tensor bytes are not read, so it costs milliseconds for any size.
     """
     try:
+        with open(path, "rb") as f:
+            check_zip_inflation(f, path)
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - unreadable: no progress; latest_checkpoint reports the file when it gets there
         return None

@@ -29,7 +29,7 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
-from .optim import WD_FILTERS
+from .optim import WD_FILTERS, optim_notices
 
 
 def _k(default: Any, help_: str, *, xcit: bool = False) -> Any:
@@ -114,8 +114,9 @@ class TrainConfig:
     # -- model -----------------------------------------------------------------------------------------------------
     model: str = _k("xcit_tiny_12_p16_224", "variant name (see `xcit models`)")
     num_classes: int | None = _k(None, "classifier size; default: the number of training classes")
-    in_channels: int = _k(3, "input channels (images are converted to RGB, so 3)")
-    drop_rate: float | None = _k(None, "dropout before the head")
+    in_channels: int = _k(3, "input channels: 3 (RGB), 1 (grey) or 4 (RGBA / 4-band files as stored)")
+    drop_rate: float | None = _k(None, "dropout after the pos. encoding, the attention projections, in the MLPs")
+    head_drop_rate: float = _k(0.0, "dropout before the head (timm's drop_rate)", xcit=True)
     drop_path_rate: float | None = _k(None, "stochastic depth, the same rate in every block")
     model_overrides: dict = _k({}, "architecture overrides, e.g. {embed_dim: 64, depth: 4}", xcit=True)
     pretrained: bool | str = _k(False, "weights to start from (any format); the head is reset to num_classes")
@@ -162,7 +163,7 @@ class TrainConfig:
         "norm_and_bias: 1-D params and biases only | auto (MindSpore filters norms): = official | disable",
     )
     filter_bias_and_bn: bool = _k(True, "older MindCV key: False means weight_decay_filter=disable")
-    eps: float = _k(1e-10, "optimiser epsilon")
+    eps: float = _k(1e-10, "rmsprop's epsilon (as in MindCV, the other optimisers use their own)")
     amp_level: str = _k("O0", "O0: fp32; O1/O2/O3: autocast (bf16 on CPU; bf16 or fp16 on CUDA, see amp_dtype)")
     val_amp_level: str = _k("O0", "amp_level for validation")
     amp_dtype: str = _k("auto", "autocast dtype on CUDA: auto (bf16 if supported) | bf16 | fp16", xcit=True)
@@ -359,7 +360,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data_format": ("auto", "folder", "wds", "hf"),
 }
 _PROBABILITIES = ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing", "warmup_factor")
-_PROBABILITIES += ("distillation_alpha",)
+_PROBABILITIES += ("distillation_alpha", "head_drop_rate")
 _NON_NEGATIVE = ("mixup", "cutmix", "weight_decay", "min_lr", "warmup_epochs", "aug_repeats", "ckpt_interval_steps")
 _POSITIVE = ("batch_size", "epoch_size", "image_resize", "val_interval", "log_interval", "lr", "keep_checkpoint_max")
 _POSITIVE += ("ckpt_save_interval", "gradient_accumulation_steps", "clip_value", "num_cycles", "decay_epochs")
@@ -406,8 +407,10 @@ def check(cfg: TrainConfig) -> None:
     _check_ranges(cfg)
     _check_model(cfg)
     _check_auto_augment(cfg)
+    from .limits import check_config_limits
     from .schedule import check_schedule
 
+    check_config_limits(cfg)
     check_schedule(cfg)
 
 
@@ -424,10 +427,12 @@ def _check_ranges(cfg: TrainConfig) -> None:
         lo, hi = getattr(cfg, key)
         if not 0 < lo <= hi:
             raise ConfigError(f"bad value for {key!r}: {[lo, hi]} must be two numbers 0 < low <= high")
-    if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
-        raise ConfigError("bad value for 'mean'/'std': three values each, std > 0")
-    if cfg.in_channels != 3:
-        raise ConfigError(f"bad value for 'in_channels': {cfg.in_channels}; images are converted to RGB, so 3")
+    if cfg.in_channels not in (1, 3, 4):
+        raise ConfigError(f"bad value for 'in_channels': {cfg.in_channels}; images are read as 1 (grey), 3 (RGB) or 4")
+    if cfg.in_channels == 4 and cfg.auto_augment:
+        raise ConfigError("'auto_augment' needs RGB or grey images (its colour ops refuse 4 bands): unset it for 4")
+    if len(cfg.mean) not in {1, 3, cfg.in_channels} or len(cfg.std) != len(cfg.mean) or min(cfg.std) <= 0:
+        raise ConfigError(f"bad value for 'mean'/'std': 1, 3 or {cfg.in_channels} values each, std > 0")
     if cfg.aug_splits not in (0, 1):
         raise ConfigError(f"bad value for 'aug_splits': {cfg.aug_splits}; AugMix split BN is not supported (use 0)")
     if cfg.aux_factor != 0:
@@ -459,7 +464,8 @@ def _check_model(cfg: TrainConfig) -> None:
         get_config(cfg.model)
     except ValueError as e:
         raise ConfigError(f"bad value for 'model': {e}") from None
-    allowed = {f.name for f in fields(XCiTConfig)} - {"num_classes", "in_chans", "drop_rate", "drop_path_rate"}
+    allowed = {f.name for f in fields(XCiTConfig)} - {"num_classes", "in_chans", "drop_path_rate"}
+    allowed -= {"drop_rate", "head_drop_rate"}
     for key in cfg.model_overrides:
         if key not in allowed:
             near = difflib.get_close_matches(key, sorted(allowed), n=1)
@@ -514,7 +520,7 @@ def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         out.append(f"re_max_attempts: {cfg.re_max_attempts} -> timm's random erasing makes 10 attempts")
     from .schedule import schedule_notices
 
-    return out + schedule_notices(cfg)
+    return out + schedule_notices(cfg) + optim_notices(cfg, explicit)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -523,17 +529,11 @@ def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML recipe as a flat dict (empty file -> {}); a missing file or a nested mapping is a ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return data
+    """A YAML recipe as a flat dict (empty file -> {}); a folder, a missing or non-UTF-8 file, a key given twice
+    or a nested mapping is a ConfigError naming the file (:func:`xcit.recipe_file.read_recipe`)."""
+    from .recipe_file import read_recipe
+
+    return read_recipe(path)
 
 
 def build_parser(prog: str, description: str, keys: frozenset | None = None) -> argparse.ArgumentParser:

@@ -3,9 +3,10 @@
 * **Data.** ``data_dir/<train_split>/<class>/*.jpg`` and ``data_dir/<val_split>/<class>/*``, torchvision's
   ImageFolder layout, indexed from directory listings alone (:mod:`xcit.readers`: no file is opened, symlink
   loops are not followed). Any image mode (grayscale, RGBA, CMYK, palette, 16-bit) becomes 8-bit RGB
-  (:func:`xcit.imageio.load_rgb`). A file that fails to decode (zero bytes, not an image, truncated, too many
-  pixels) is found when it is read: in training it is replaced by the next good image, in validation it is left
-  out; both are counted and named once per epoch.
+  (:func:`xcit.imageio.load_rgb`), or grey / 4 bands for ``in_channels`` 1 / 4 (:func:`xcit.imageio.to_mode`).
+  A file that fails to decode (zero bytes, not an image, truncated, too many pixels) is found when it is read: in
+  training it is replaced by the next good image, in validation it is left out; both are counted and named once
+  per epoch.
 * **Transforms.** timm's ``create_transform``, which defines the official recipe (random resized crop, flips,
   color jitter, RandAugment; eval resize to ``image_resize / crop_pct`` then centre crop), plus timm's
   ``RandomErasing`` with MindCV's area/aspect keys and timm's ``Mixup`` (mixup, cutmix, switch probability,
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from .config import ConfigError, TrainConfig
 from .formats import detect_format, layout, open_split, relabel
 from .preemption import worker_ignores_stop_signals
+from .preprocessing import PIL_MODES, Preprocessing, channel_stats
 from .readers import CountingLoader, ImageDataset, collate
 from .sampler import ResumableSampler, SeededDataset
 
@@ -76,6 +78,7 @@ def build_datasets(
     skip_unknown_val: bool = False,
     cache_dir: Path | None = None,
     exact_classes: bool = False,
+    eval_prep: Preprocessing | None = None,
 ) -> tuple[ImageDataset | None, ImageDataset | None]:
     """Train (unless ``need_train`` is False) and val datasets with their transforms, in any format
     (``data_format``, :mod:`xcit.formats`).
@@ -84,7 +87,8 @@ def build_datasets(
     split). A missing val split gives ``None`` unless ``need_val``. An empty split, or a val class that the label
     set lacks, is a :class:`DataError` (with ``skip_unknown_val``, such classes are left out with a warning);
     ``exact_classes`` also refuses a val split that lacks some of ``classes``. ``cache_dir``: where the indexes
-    are kept between runs (:mod:`xcit.index_cache`).
+    are kept between runs (:mod:`xcit.index_cache`). ``eval_prep``: the validation preprocessing (default: the
+    config's, :meth:`Preprocessing.from_train_config`).
     """
     root = Path(cfg.data_dir)
     if not root.is_dir():
@@ -96,7 +100,13 @@ def build_datasets(
         if opened is None:
             raise DataError(f"train split not found: {root / cfg.train_split} ({layout(fmt, root)})")
         source, listing = opened
-        train = ImageDataset(relabel(source, classes) if classes else source, train_transform(cfg), False, listing)
+        train = ImageDataset(
+            relabel(source, classes) if classes else source,
+            train_transform(cfg),
+            False,
+            listing,
+            PIL_MODES[cfg.in_channels],
+        )
         _report(f"{root / cfg.train_split}", train)
         if not len(train):
             raise DataError(f"{root / cfg.train_split}: no images in {len(source.found_classes)} class folders")
@@ -113,7 +123,10 @@ def build_datasets(
     source, listing = opened
     label_set = f"{root / cfg.train_split}" if need_train else "the checkpoint's classes"
     _check_val_classes(f"{root / cfg.val_split}", source.classes, classes, label_set, skip_unknown_val, exact_classes)
-    val = ImageDataset(relabel(source, classes or source.classes), eval_transform(cfg), True, listing)
+    prep = eval_prep or Preprocessing.from_train_config(cfg)
+    val = ImageDataset(
+        relabel(source, classes or source.classes), eval_transform(prep), True, listing, PIL_MODES[prep.in_chans]
+    )
     _report(f"{root / cfg.val_split}", val)
     if not len(val):
         raise DataError(f"{root / cfg.val_split}: no images")
@@ -148,12 +161,14 @@ def _erasing_mode(re_value: int | float | str) -> str:
 
 
 def train_transform(cfg: TrainConfig):
-    """timm's ImageNet training transform (official recipe), then random erasing with MindCV's area/aspect keys."""
+    """timm's ImageNet training transform (official recipe), then random erasing with MindCV's area/aspect keys.
+    Images have ``in_channels`` bands (RGB, grey or RGBA, :data:`xcit.preprocessing.PIL_MODES`), normalised with
+    one mean/std per band (:func:`xcit.preprocessing.channel_stats`)."""
     from timm.data import create_transform
     from timm.data.random_erasing import RandomErasing
     from torchvision import transforms
 
-    mean, std = cfg.norm_mean_std
+    mean, std = channel_stats(*cfg.norm_mean_std, cfg.in_channels)
     spec = cfg.timm_auto_augment
     trivial = spec is not None and spec.startswith("trivialaug")  # not in timm: torchvision's, added below
     t = create_transform(
@@ -261,15 +276,14 @@ def _posterize_accepts_zero_bits(transform) -> None:
                     op.aug_fn = _posterize
 
 
-def eval_transform(cfg: TrainConfig):
-    """Resize the short side to ``image_resize / crop_pct`` with ``interpolation``, centre-crop ``image_resize``."""
+def eval_transform(prep: Preprocessing):
+    """Resize the short side to ``size / crop_pct`` with ``interpolation``, centre-crop ``size``, normalise."""
     from timm.data import create_transform
 
-    mean, std = cfg.norm_mean_std
-    interp = "bicubic" if cfg.interpolation == "random" else cfg.interpolation
+    p = prep
     return _fuse_to_tensor_normalize(
         create_transform(
-            cfg.image_resize, is_training=False, crop_pct=cfg.crop_pct, interpolation=interp, mean=mean, std=std
+            p.size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation, mean=p.mean, std=p.std
         )
     )
 

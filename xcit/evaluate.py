@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from .distributed import all_reduce_sum
 from .precision import autocast
+from .preprocessing import Preprocessing
 from .readers import report_bad_reads
 
 log = logging.getLogger("xcit")
@@ -104,21 +106,26 @@ def model_for_eval(
     if w.model_config:  # written by xcit train: the recorded architecture, whatever the config says
         model = model_from_weights(w, cfg.model)
     else:
-        model = model_from_weights(w, cfg.model, trust_name=True, **cfg.model_overrides)
+        model = model_from_weights(w, cfg.model, trust_name=True, in_chans=cfg.in_channels, **cfg.model_overrides)
     return model.to(device).eval(), model.class_names, w.config
 
 
-# the evaluation transform's keys: a training checkpoint's values apply unless the YAML or a flag sets them
-PREPROCESSING_KEYS = ("image_resize", "crop_pct", "interpolation", "mean", "std")
+# the evaluation transform's keys in the training config, and the Preprocessing field each sets
+PREPROCESSING_KEYS = {"image_resize": "size", "crop_pct": "crop_pct", "interpolation": "interpolation",
+                      "mean": "mean", "std": "std"}  # fmt: skip
 
 
-def _recorded_preprocessing(cfg, recorded: dict, explicit: set[str]) -> None:
-    """Take the preprocessing a checkpoint was trained with for every key the user did not set."""
-    taken = {k: recorded[k] for k in PREPROCESSING_KEYS if k in recorded and k not in explicit}
-    for key, value in taken.items():
-        setattr(cfg, key, value)
-    if taken:
-        log.info("preprocessing from the checkpoint: %s", ", ".join(f"{k} {v}" for k, v in taken.items()))
+def eval_preprocessing(cfg, recorded: dict, explicit: set[str], in_chans: int = 3) -> Preprocessing:
+    """The config's preprocessing, with what a checkpoint was trained with for every key the user did not set, for
+    ``in_chans`` input channels."""
+    prep = Preprocessing.from_train_config(cfg).for_channels(in_chans)
+    trained = Preprocessing.from_recorded_config(recorded)
+    taken = [k for k in PREPROCESSING_KEYS if k in recorded and k not in explicit]
+    if trained is None or not taken:
+        return prep
+    trained = trained.for_channels(in_chans)
+    log.info("preprocessing from the checkpoint: %s", ", ".join(f"{k} {recorded[k]}" for k in taken))
+    return replace(prep, **{PREPROCESSING_KEYS[k]: getattr(trained, PREPROCESSING_KEYS[k]) for k in taken})
 
 
 def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
@@ -138,9 +145,14 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
     # a training checkpoint's EMA weights are used when it has them, unless `ema: False` is set explicitly
     use_ema = cfg.ema or "ema" not in explicit
     model, classes, recorded = model_for_eval(cfg.ckpt_path, cfg, world.device, use_ema)
-    _recorded_preprocessing(cfg, recorded, set(explicit))
+    prep = eval_preprocessing(cfg, recorded, set(explicit), model.cfg.in_chans)
     _, val = build_datasets(
-        cfg, classes=classes, need_train=False, skip_unknown_val=cfg.ignore_class_mismatch, exact_classes=True
+        cfg,
+        classes=classes,
+        need_train=False,
+        skip_unknown_val=cfg.ignore_class_mismatch,
+        exact_classes=True,
+        eval_prep=prep,
     )
     if classes is None and len(val.classes) != getattr(model, "num_classes", len(val.classes)):
         log.warning("%d class folders, model head has %d outputs: labels are the sorted folder indices",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -101,11 +102,38 @@ def export_onnx(
         opset_version=opset,
     )  # fmt: skip
     onnx_program.save(str(path))
+    proto = onnx.load(str(path))
+    name_axes(proto)
     if metadata:
-        proto = onnx.load(str(path))
         onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
-        onnx.save(proto, str(path))
+    onnx.save(proto, str(path))
     return path
+
+
+AXIS_NAMES = ("batch", None, "height", "width")  # of the input image; the logits' first axis is "batch" too
+
+
+def name_axes(proto) -> None:
+    """Give the graph's symbolic axes readable names in place: the input's dynamic axes become ``batch``,
+    ``height`` and ``width`` (and the logits' first axis ``batch``), where the exporter writes ``s77``,
+    ``16*s52``, ``16*s80``. The symbols inside the other shapes follow (``s52`` -> ``height_patches``)."""
+    exact: dict[str, str] = {}
+    symbols: dict[str, str] = {}
+    for dim, name in zip(proto.graph.input[0].type.tensor_type.shape.dim, AXIS_NAMES):
+        if name and dim.dim_param:
+            exact[dim.dim_param] = name
+            found = re.findall(r"[A-Za-z_]\w*", dim.dim_param)
+            if len(found) == 1:  # "s77" or "16*s52": the axis is one symbol (times the patch size)
+                symbols[found[0]] = name if found[0] == dim.dim_param else f"{name}_patches"
+    if not exact:
+        return
+    pattern = re.compile(r"[A-Za-z_]\w*")
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = exact.get(dim.dim_param) or pattern.sub(
+                    lambda m: symbols.get(m.group(0), m.group(0)), dim.dim_param
+                )
 
 
 def onnx_opset(path: str | os.PathLike) -> int:

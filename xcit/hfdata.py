@@ -87,12 +87,12 @@ class HFSource:
     def name(self, i: int) -> str:
         return f"{self.root}[row {int(self.rows[i])}]"
 
-    def load(self, i: int):
+    def load(self, i: int, mode: str = "RGB"):
         cell = self.dataset[int(self.rows[i])][self.image_column]
         data = cell.get("bytes") if isinstance(cell, dict) else cell
         if not data and isinstance(cell, dict) and cell.get("path"):
             data = Path(cell["path"]).read_bytes()
-        return decode_rgb(data or b"", self.name(i))
+        return decode_rgb(data or b"", self.name(i), mode=mode)
 
     def subset(self, keep) -> HFSource:
         keep = np.asarray(keep, dtype=np.int64)

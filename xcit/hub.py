@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import preprocessing
 from .arch import VARIANTS, get_config
 from .fileio import atomic_write
 from .weights import save_safetensors
@@ -35,10 +36,9 @@ log = logging.getLogger("xcit")
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# XCiTConfig fields that timm's xcit constructor accepts under the same name (timm/models/xcit.py Xcit.__init__)
+# XCiTConfig fields that timm's xcit constructor accepts under the same name and meaning (timm/models/xcit.py
+# Xcit.__init__). Not drop_rate: timm's is the head dropout (head_drop_rate here), ours the official one
 TIMM_ARGS = (
     "img_size",
     "patch_size",
@@ -47,31 +47,11 @@ TIMM_ARGS = (
     "depth",
     "num_heads",
     "mlp_ratio",
-    "drop_rate",
     "drop_path_rate",
     "cls_attn_layers",
     "eta",
     "tokens_norm",
 )
-
-
-def default_pretrained_cfg(model: nn.Module, img_size: int | None = None) -> dict:
-    """timm-style preprocessing of the official weights: bicubic, ImageNet mean/std, and a full centre crop
-    (crop_pct 1.0: the official README's results use ``--full_crop``; timm records the same)."""
-    size = img_size or model.cfg.img_size
-    return {
-        "architecture": model.name,
-        "input_size": (model.cfg.in_chans, size, size),
-        "interpolation": "bicubic",
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "num_classes": model.num_classes,
-        "fixed_input_size": False,  # the Fourier encoding is recomputed per grid: any multiple of the patch works
-        "first_conv": "patch_embed.proj.0.0",
-        "classifier": "head",
-    }
 
 
 def hub_config(model: nn.Module, pretrained_cfg: dict | None = None) -> dict:
@@ -83,7 +63,7 @@ def hub_config(model: nn.Module, pretrained_cfg: dict | None = None) -> dict:
         )
     base = get_config(model.name)
     cfg = replace(model.cfg, num_classes=model.num_classes)
-    pcfg = dict(default_pretrained_cfg(model))
+    pcfg = preprocessing.pretrained_cfg(model, preprocessing.model_preprocessing(model))
     pcfg.update(pretrained_cfg or {})
     config = {
         "architecture": model.name,
@@ -98,7 +78,7 @@ def hub_config(model: nn.Module, pretrained_cfg: dict | None = None) -> dict:
     if model.class_names:
         config["label_names"] = list(model.class_names)
     model_args = {k: getattr(cfg, k) for k in TIMM_ARGS if getattr(cfg, k) != getattr(base, k)}
-    model_args.pop("drop_rate", None), model_args.pop("drop_path_rate", None)  # training-only, not architecture
+    model_args.pop("drop_path_rate", None)  # training-only, not architecture
     if model_args:
         config["model_args"] = model_args
     return config

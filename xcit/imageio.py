@@ -42,8 +42,25 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # RGBA/LA drop alpha like torchvision's pil_loader; CMYK/YCbCr/LAB/1/L convert
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` fully into an 8-bit RGB image.
+def to_mode(im: Image.Image, mode: str = "RGB") -> Image.Image:
+    """An 8-bit image in ``mode``: ``"RGB"`` (:func:`_to_rgb`), ``"L"`` (grey: the RGB image's luma, ITU-R 601 as
+    PIL's ``convert("L")``) or ``"RGBA"`` (4 bands: a 4-band file's bands as stored, RGBA or CMYK; alpha from any
+    transparency; other images opaque)."""
+    if mode == "RGB" or im.mode == mode and "transparency" not in im.info:
+        return _to_rgb(im) if mode == "RGB" else im
+    if mode == "L":
+        return _to_rgb(im).convert("L")
+    if mode != "RGBA":
+        raise ValueError(f"image mode {mode!r}: use RGB, L or RGBA")
+    if len(im.getbands()) == 4:
+        return Image.merge("RGBA", im.split())  # CMYK and other 4-band files: the bands as stored
+    if im.mode in ("P", "PA", "LA") or "transparency" in im.info:
+        return im.convert("RGBA")
+    return _to_rgb(im).convert("RGBA")
+
+
+def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, mode: str = "RGB") -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB image (or another ``mode``, :func:`to_mode`).
 
     Raises ``FileNotFoundError`` for a missing file and :class:`ImageError` for an empty, corrupt, truncated or
     non-image file, or one that declares more than ``max_pixels`` pixels (checked from the header, before decoding).
@@ -53,17 +70,17 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Ima
         raise FileNotFoundError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file")
-    return _decode(path, str(path), max_pixels)
+    return _decode(path, str(path), max_pixels, mode)
 
 
-def decode_rgb(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_rgb(data: bytes, name: str, max_pixels: int = MAX_PIXELS, mode: str = "RGB") -> Image.Image:
     """:func:`load_rgb` for an image held in memory (a tar member, a dataset cell); ``name`` is used in errors."""
     if not data:
         raise ImageError(f"{name}: empty file")
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), name, max_pixels, mode)
 
 
-def _decode(src, name: str, max_pixels: int) -> Image.Image:
+def _decode(src, name: str, max_pixels: int, mode: str = "RGB") -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's bomb and EXIF warnings: the size is checked explicitly below
@@ -75,7 +92,7 @@ def _decode(src, name: str, max_pixels: int) -> Image.Image:
                         f"possible decompression bomb"
                     )
                 im.load()
-                return _to_rgb(im)
+                return to_mode(im, mode)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:

@@ -6,8 +6,10 @@
 
 The architecture comes from, in order: a training checkpoint's recorded ``model_config`` (overrides included);
 else the named variant (or the one the file records) with the fields the tensors' shapes pin down (width, depth,
-heads, patch, class-attention layers, input channels, MLP ratio); explicit ``overrides`` apply last. Each model
-carries ``pretrained_cfg``, the evaluation preprocessing the file records (timm's keys).
+heads, patch, class-attention layers, input channels, MLP ratio); explicit ``overrides`` apply last. An
+``in_chans`` other than the file's adapts the stem convolution as timm does (:func:`adapt_input_channels`). Each
+model carries timm's ``pretrained_cfg`` (the evaluation preprocessing the file records, else the defaults of
+:class:`xcit.preprocessing.Preprocessing`) and ``feature_info``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import os
 from dataclasses import fields, replace
 from pathlib import Path
 
+import torch
+
 from .arch import VARIANTS, XCiTConfig, get_config
-from .hub import CONFIG_NAME, TIMM_ARGS, WEIGHTS_NAME, default_pretrained_cfg
+from .hub import CONFIG_NAME, TIMM_ARGS, WEIGHTS_NAME
 from .model import XCiT
+from .preprocessing import Preprocessing, timm_conventions
 from .weights import Weights, WeightsError, arch_from_state_dict, load_state_dict_checked, read_weights
 
 log = logging.getLogger("xcit")
@@ -82,10 +87,11 @@ def model_from_weights(
         overrides["flavour"] = w.flavour
     model = XCiT(replace(base, num_classes=n_cls, **overrides), name=name)
     drop = num_classes is not None and file_classes is not None and num_classes != file_classes
-    load_state_dict_checked(model, w.state_dict, strict=strict, drop_head=drop, source=w.source)
+    sd = adapt_input_channels(w.state_dict, model.cfg.in_chans, w.source)
+    load_state_dict_checked(model, sd, strict=strict, drop_head=drop, source=w.source)
     classes = w.extra.get("classes")
     model.class_names = list(classes) if classes and not drop else None
-    model.pretrained_cfg = {**default_pretrained_cfg(model), **recorded_preprocessing(w.config)}
+    timm_conventions(model, w.preprocessing)
     epoch = f" from epoch {w.extra['epoch']}" if "epoch" in w.extra else ""
     if w.used_ema:
         log.info("%s: EMA weights%s", w.source, epoch)
@@ -94,23 +100,21 @@ def model_from_weights(
     return model
 
 
-def recorded_preprocessing(config: dict) -> dict:
-    """The evaluation preprocessing an ``xcit train`` checkpoint's recorded config implies (timm's keys), or {}."""
-    if not config:
-        return {}
-    from .config import TrainConfig
+def adapt_input_channels(sd: dict[str, torch.Tensor], in_chans: int, source: object) -> dict[str, torch.Tensor]:
+    """``sd`` with its stem convolution (``...patch_embed.proj.0.0.weight``) adapted to ``in_chans`` input channels
+    by timm's ``adapt_input_conv``: summed over the file's channels for 1 (a grey image then gives what its
+    3-channel copy gives), repeated and scaled by ``3 / in_chans`` for more. A notice says so; other keys are
+    untouched."""
+    from timm.models import adapt_input_conv
 
-    tc = TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.__dataclass_fields__})
-    mean, std = tc.norm_mean_std
-    size = int(tc.image_resize)
-    in_chans = int(config.get("in_channels", 3) or 3)
-    return {
-        "input_size": (in_chans, size, size),
-        "interpolation": tc.interpolation,
-        "crop_pct": float(tc.crop_pct),
-        "mean": mean,
-        "std": std,
-    }
+    out = dict(sd)
+    for k, v in sd.items():
+        if k.endswith("patch_embed.proj.0.0.weight") and v.ndim == 4 and v.shape[1] != in_chans:
+            out[k] = adapt_input_conv(in_chans, v, base_chans=v.shape[1])
+            how = "summed" if in_chans == 1 else f"repeated and scaled by {v.shape[1]}/{in_chans}"
+            log.info("%s: stem convolution adapted from %d to %d input channels (%s)", source, v.shape[1],
+                     in_chans, how)  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -145,6 +149,8 @@ def from_pretrained(
         cfg = XCiTConfig(**{k: v for k, v in config["xcit_config"].items() if k in _FIELDS})
     elif arch in VARIANTS:  # a timm hub folder: the variant plus timm's model_args
         args = {k: v for k, v in config.get("model_args", {}).items() if k in TIMM_ARGS}
+        if isinstance(args.get("img_size"), (list, tuple)):  # timm records (H, W); any multiple of the patch runs
+            args["img_size"] = int(max(args["img_size"]))
         cfg = replace(get_config(arch), num_classes=config.get("num_classes", 1000), **args)
     else:
         raise WeightsError(f"{config_file}: architecture {arch!r} is not an XCiT variant")
@@ -153,16 +159,17 @@ def from_pretrained(
     if "flavour" not in overrides and "xcit_config" not in config:
         cfg = replace(cfg, flavour=w.flavour)
     model = XCiT(cfg, name=arch)
-    load_state_dict_checked(model, w.state_dict, source=folder)
+    load_state_dict_checked(model, adapt_input_channels(w.state_dict, cfg.in_chans, folder), source=folder)
     labels = config.get("label_names") or w.extra.get("classes")
     if isinstance(labels, dict):  # timm allows {index: name}
         labels = [labels[str(i)] if str(i) in labels else str(i) for i in range(cfg.num_classes)]
     model.class_names = list(labels) if labels and len(labels) == cfg.num_classes else None
-    model.pretrained_cfg = {**default_pretrained_cfg(model), **config.get("pretrained_cfg", {})}
     if num_classes is not None and num_classes != cfg.num_classes:
         log.info("%s: replacing the %d-class head with a new %d-class head", folder, cfg.num_classes, num_classes)
         model.reset_classifier(num_classes)
         model.class_names = None
+    recorded = config.get("pretrained_cfg")
+    timm_conventions(model, Preprocessing.from_pretrained_cfg(recorded) if recorded else None)
     return model.eval()
 
 

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import cpu, fused
 from .arch import XCiTConfig
+from .timm_api import TimmModelApi
 
 
 @contextlib.contextmanager
@@ -94,7 +95,7 @@ def _add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
     """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
     if torch.compiler.is_compiling():  # a bias-free GEMM; inductor fuses both adds into the next LayerNorm
         return shortcut + bias + x @ weight.t()
-    if not _accumulates(shortcut, x, weight):
+    if not _accumulates(shortcut, x, weight) or not shortcut.is_contiguous():  # e.g. tokens of an NCHW 1-channel stem
         return shortcut + F.linear(x, weight, bias)
     out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
     out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
@@ -234,13 +235,14 @@ class XCA(nn.Module):
     Cost is linear in N.
     """
 
-    def __init__(self, dim: int, num_heads: int, flavour: str = "official") -> None:
+    def __init__(self, dim: int, num_heads: int, flavour: str = "official", proj_drop: float = 0.0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qk_norm = flavour != "mindcv"  # MindCV's port does not normalise q and k
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)  # unused with a shortcut: XCABlock runs unfused while it is active
 
     def _gram(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Per-head ``q^T k``: (B, N, C) x (B, N, C) -> (B, h, d, d), on strided views of the qkv output."""
@@ -294,7 +296,7 @@ class XCA(nn.Module):
         if shortcut is not None and torch.compiler.is_compiling():  # as in _add_linear
             return shortcut + b + v @ mixing
         if shortcut is None:
-            return torch.baddbmm(b, v, mixing)
+            return self.proj_drop(torch.baddbmm(b, v, mixing))
         if _accumulates(shortcut, v, mixing):
             return (shortcut + b).baddbmm_(v, mixing)
         return shortcut + torch.baddbmm(b, v, mixing)
@@ -341,11 +343,12 @@ class LPI(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, flavour: str = "official") -> None:
+    def __init__(self, dim: int, hidden: int, flavour: str = "official", drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = _gelu(flavour)
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)  # after the GELU and after fc2 (official Mlp); not with a shortcut, as in XCA
 
     def forward(
         self, x: torch.Tensor, shortcut: torch.Tensor | None = None, gamma: torch.Tensor | None = None
@@ -358,10 +361,11 @@ class Mlp(nn.Module):
             x = self.act(x @ self.fc1.weight.t() + self.fc1.bias)
         else:
             x = _act_(self.act, self.fc1(x))
+        x = self.drop(x)
         w, b = self.fc2.weight, self.fc2.bias
-        if gamma is not None:  # LayerScale folded into fc2's output rows
+        if gamma is not None:  # LayerScale folded into fc2's output rows (dropout's mask commutes with it)
             w, b = w * gamma.unsqueeze(-1), b * gamma
-        return F.linear(x, w, b) if shortcut is None else _add_linear(shortcut, x, w, b)
+        return self.drop(F.linear(x, w, b)) if shortcut is None else _add_linear(shortcut, x, w, b)
 
 
 class XCABlock(nn.Module):
@@ -371,18 +375,18 @@ class XCABlock(nn.Module):
         super().__init__()
         D = cfg.embed_dim
         self.norm1 = nn.LayerNorm(D, eps=1e-6)
-        self.attn = XCA(D, cfg.num_heads, cfg.flavour)
+        self.attn = XCA(D, cfg.num_heads, cfg.flavour, cfg.drop_rate)
         self.norm3 = nn.LayerNorm(D, eps=1e-6)
         self.local_mp = LPI(D, cfg.flavour)
         self.norm2 = nn.LayerNorm(D, eps=1e-6)
-        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.flavour)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.flavour, cfg.drop_rate)
         self.drop_path = DropPath(cfg.drop_path_rate)
         self.gamma1 = nn.Parameter(cfg.eta * torch.ones(D))
         self.gamma3 = nn.Parameter(cfg.eta * torch.ones(D))
         self.gamma2 = nn.Parameter(cfg.eta * torch.ones(D))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        if self.training and self.drop_path.p > 0:  # stochastic depth drops whole branches: keep them separate
+        if self.training and (self.drop_path.p > 0 or self.mlp.drop.p > 0):  # branches kept separate to drop them
             x = x + self.drop_path(self.attn(self.norm1(x), gamma=self.gamma1))
             x = x + self.drop_path(self.local_mp(self.norm3(x), H, W, gamma=self.gamma3))
             return x + self.drop_path(self.mlp(self.norm2(x), gamma=self.gamma2))
@@ -405,13 +409,14 @@ class ClassAttn(nn.Module):
     W_v (sum_n a_n x_n) + b_v`` because the weights sum to 1. That is O(h N C) instead of O(N C^2) and exact.
     """
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, proj_drop: float = 0.0) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, N, C) tokens, class token first -> the class token's update (B, 1, C), and (B, h, 1, N) weights
@@ -426,7 +431,7 @@ class ClassAttn(nn.Module):
         attn = logits.float().softmax(dim=-1)  # (B, h, N)
         mean = attn.to(x.dtype) @ x  # (B, h, C): attention-weighted token average per head
         v = (mean.transpose(0, 1) @ self.v.weight.view(h, d, C).mT).transpose(0, 1).reshape(B, C) + self.v.bias
-        out = self.proj(v).unsqueeze(1)
+        out = self.proj_drop(self.proj(v)).unsqueeze(1)
         return out, attn.unsqueeze(2) if return_attention else None
 
 
@@ -435,9 +440,9 @@ class ClassAttentionBlock(nn.Module):
         super().__init__()
         D = cfg.embed_dim
         self.norm1 = nn.LayerNorm(D, eps=1e-6)
-        self.attn = ClassAttn(D, cfg.num_heads)
+        self.attn = ClassAttn(D, cfg.num_heads, cfg.drop_rate)
         self.norm2 = nn.LayerNorm(D, eps=1e-6)
-        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.flavour)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.flavour, cfg.drop_rate)
         self.gamma1 = nn.Parameter(cfg.eta * torch.ones(D))
         self.gamma2 = nn.Parameter(cfg.eta * torch.ones(D))
         self.tokens_norm = cfg.tokens_norm
@@ -473,7 +478,7 @@ class ClassAttentionBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class XCiT(nn.Module):
+class XCiT(TimmModelApi, nn.Module):
     """Cross-covariance image transformer.
 
     ``forward(x)`` gives logits. ``forward(x, return_attention=True)`` gives ``(logits, attn)`` with ``attn`` the
@@ -493,10 +498,11 @@ class XCiT(nn.Module):
         self.patch_embed = ConvPatchEmbed(cfg.patch_size, cfg.in_chans, D, cfg.flavour)
         self.pos_embed = PositionalEncodingFourier(D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList([XCABlock(cfg) for _ in range(cfg.depth)])
         self.cls_attn_blocks = nn.ModuleList([ClassAttentionBlock(cfg) for _ in range(cfg.cls_attn_layers)])
         self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head_drop = nn.Dropout(cfg.head_drop_rate)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
@@ -577,7 +583,7 @@ class XCiT(nn.Module):
         Hp, Wp = self.check_input(x)
         x = self.patch_embed(x)
         x = x.flatten(2).transpose(1, 2)
-        return x + self.pos_embed(Hp, Wp).to(x.dtype), Hp, Wp
+        return self.pos_drop(x + self.pos_embed(Hp, Wp).to(x.dtype)), Hp, Wp
 
     def _run_block(self, blk: XCABlock, x: torch.Tensor, Hp: int, Wp: int) -> torch.Tensor:
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():

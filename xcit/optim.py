@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .mindspore_optim import MindCVNAdam, MindSporeAdam
+
 WD_FILTERS = ("official", "all", "norm_and_bias", "disable")  # which parameters get no weight decay
 
 
@@ -71,26 +73,53 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
+# The epsilon of each optimiser as MindCV builds it: create_optimizer passes its ``eps`` to RMSProp only, every other
+# optimiser keeps its class default (mindcv/optim/adamw.py, nadam.py; mindspore.nn.Adam, nn.Lamb); the rest have none
+MINDCV_EPS = {"adamw": 1e-8, "adam": 1e-8, "nadam": 1e-8, "lamb": 1e-6}
+
+
 def create_optimizer(
     groups: list[dict],
     opt: str,
     lr: float,
     momentum: float = 0.9,
-    eps: float = 1e-8,
+    eps: float = 1e-10,
     nesterov: bool = False,
     device: torch.device | str = "cpu",
 ) -> torch.optim.Optimizer:
-    """The optimiser named by MindCV's ``opt``. AdamW/Adam/SGD come from torch (fused kernels on CUDA, foreach
-    otherwise); the rest (lamb, nadam, rmsprop, adagrad, lion) from timm."""
+    """The optimiser named by MindCV's ``opt``, with MindCV's formula and defaults (``momentum`` reaches sgd,
+    momentum and rmsprop, ``eps`` rmsprop only, as in MindCV's ``create_optimizer``). Weight decay is decoupled for
+    adamw, lamb and lion and an L2 gradient term for the others, as in MindSpore. torch kernels (fused on CUDA,
+    foreach otherwise) where torch has the formula, timm's otherwise."""
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     fast = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
-    if opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, eps=eps, **fast)
-    if opt == "adam":  # weight decay is an L2 term here, as in MindSpore's Adam
-        return torch.optim.Adam(groups, lr=lr, eps=eps, **fast)
-    if opt in ("sgd", "momentum"):
+    if opt == "adamw":  # mindcv/optim/adamw.py: eps after the bias-corrected sqrt(v), as torch
+        return torch.optim.AdamW(groups, lr=lr, eps=MINDCV_EPS[opt], **fast)
+    if opt == "adam":
+        return MindSporeAdam(groups, lr=lr, eps=MINDCV_EPS[opt], **fast)
+    if opt in ("sgd", "momentum"):  # nn.SGD (dampening 0) and nn.Momentum: torch's SGD
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **fast)
-    from timm.optim import create_optimizer_v2
+    if opt == "nadam":
+        return MindCVNAdam(groups, lr=lr, eps=MINDCV_EPS[opt])
+    if opt == "adagrad":  # nn.Adagrad: accumulator starts at 0.1, no epsilon
+        return torch.optim.Adagrad(groups, lr=lr, initial_accumulator_value=0.1, eps=0.0, foreach=True)
+    from timm.optim import Lamb, Lion, RMSpropTF
 
-    return create_optimizer_v2(groups, opt=opt, lr=lr, momentum=momentum, eps=eps)
+    if opt == "rmsprop":  # nn.RMSProp: decay 0.9, mean square starts at 1, eps inside the sqrt, lr in the momentum
+        return RMSpropTF(groups, lr=lr, alpha=0.9, eps=eps, momentum=momentum, lr_in_momentum=True)
+    if opt == "lamb":  # nn.Lamb: no gradient clipping, the trust ratio on every parameter
+        return Lamb(groups, lr=lr, eps=MINDCV_EPS[opt], max_grad_norm=None, always_adapt=True)
+    if opt == "lion":  # mindcv/optim/lion.py: betas (0.9, 0.99), decoupled decay
+        return Lion(groups, lr=lr, betas=(0.9, 0.99))
+    raise ValueError(f"unknown optimiser {opt!r}")
+
+
+def optim_notices(cfg, explicit: set[str]) -> list[str]:
+    """A notice when ``eps`` is set for an optimiser that MindCV builds with its own epsilon (not when it is the
+    default, as in the config saved beside every checkpoint)."""
+    default = type(cfg).__dataclass_fields__["eps"].default
+    if "eps" not in explicit or cfg.opt == "rmsprop" or cfg.eps in (default, MINDCV_EPS.get(cfg.opt)):
+        return []
+    own = f"its own eps {MINDCV_EPS[cfg.opt]:g}" if cfg.opt in MINDCV_EPS else "no eps"
+    return [f"eps: {cfg.eps:g} is not used: as in MindCV, only rmsprop takes eps; {cfg.opt} uses {own}"]

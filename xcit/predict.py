@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .model import XCiT
+from .preprocessing import PIL_MODES, Preprocessing, model_preprocessing
 from .readers import IMG_EXTENSIONS
 
 log = logging.getLogger("xcit")
@@ -54,32 +55,20 @@ def load_model(
 
 
 def eval_preprocessing(model: XCiT, img_size: int | None = None) -> dict:
-    """The evaluation preprocessing for ``model``: ``input_size``, ``interpolation``, ``crop_pct``, ``mean``,
-    ``std``. What the model's weight file recorded (a hub folder's ``pretrained_cfg``, a training checkpoint's
-    config) takes precedence over the defaults of :func:`xcit.hub.default_pretrained_cfg`; ``img_size`` overrides
-    the resolution."""
-    from .hub import default_pretrained_cfg
-
-    cfg = dict(getattr(model, "pretrained_cfg", None) or default_pretrained_cfg(model))
-    if img_size:
-        cfg["input_size"] = (cfg["input_size"][0], img_size, img_size)
-    return cfg
+    """The evaluation preprocessing for ``model`` in timm's keys (``input_size``, ``interpolation``, ``crop_pct``,
+    ``mean``, ``std``): what its weight file recorded (a hub folder's ``pretrained_cfg``, a training checkpoint's
+    config), else :class:`xcit.preprocessing.Preprocessing`'s defaults; ``img_size`` overrides the resolution."""
+    return model_preprocessing(model, img_size).for_channels(model.cfg.in_chans).pretrained_cfg()
 
 
-def eval_transform(preprocessing: dict) -> Callable:
+def eval_transform(preprocessing: dict | Preprocessing) -> Callable:
     """PIL image -> normalised tensor: :func:`xcit.data.eval_transform`, the transform ``xcit validate`` applies,
-    built for these settings (resize to ``size / crop_pct``, centre crop, normalise)."""
-    from .config import TrainConfig
+    for a :class:`Preprocessing` or timm's keys (resize to ``size / crop_pct``, centre crop, normalise)."""
     from .data import eval_transform as build
 
-    cfg = TrainConfig(
-        image_resize=int(preprocessing["input_size"][-1]),
-        interpolation=preprocessing["interpolation"],
-        crop_pct=float(preprocessing["crop_pct"]),
-        mean=list(preprocessing["mean"]),
-        std=list(preprocessing["std"]),
-    )
-    return build(cfg)
+    if not isinstance(preprocessing, Preprocessing):
+        preprocessing = Preprocessing.from_pretrained_cfg(preprocessing)
+    return build(preprocessing)
 
 
 @lru_cache(maxsize=1)
@@ -124,14 +113,14 @@ class Prediction:
 
 
 def _load_batches(
-    files: list[Path], transform: Callable, batch_size: int, errors: list[tuple[str, str]]
+    files: list[Path], transform: Callable, batch_size: int, errors: list[tuple[str, str]], mode: str = "RGB"
 ) -> Iterator[tuple[list[Path], torch.Tensor]]:
     from .imageio import load_rgb
 
     batch: list[tuple[Path, torch.Tensor]] = []
     for f in files:
         try:
-            batch.append((f, transform(load_rgb(f))))
+            batch.append((f, transform(load_rgb(f, mode=mode))))
         except (OSError, ValueError) as e:  # ImageError is a ValueError; missing files an OSError
             errors.append((str(f), str(e)))
             log.warning("skipped %s", e if str(f) in str(e) else f"{f}: {e}")
@@ -167,7 +156,8 @@ def predict(
     bar = tqdm(
         total=len(files), unit="img", disable=None if progress else True, leave=False
     )  # None: off when not a TTY
-    for paths, x in _load_batches(files, transform, batch_size, errors):
+    mode = PIL_MODES[model.cfg.in_chans]  # grey or 4-band models read their images so
+    for paths, x in _load_batches(files, transform, batch_size, errors, mode):
         with autocast(torch.device(device), amp_dtype):
             logits = model(x.to(device))
         probs = logits.float().softmax(dim=-1).cpu()

@@ -148,8 +148,8 @@ class FolderSource:
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i].decode())
 
-    def load(self, i: int):
-        return load_rgb(self.path(i))
+    def load(self, i: int, mode: str = "RGB"):
+        return load_rgb(self.path(i), mode=mode)
 
     def subset(self, keep: list[int]) -> FolderSource:
         return FolderSource(self.root, self.classes, self.found_classes, self.paths[keep], self.targets[keep])
@@ -167,9 +167,12 @@ class ImageDataset(Dataset):
     (validation): the image is ``None`` and :func:`collate` leaves it out, so no image is ever scored twice.
     """
 
-    def __init__(self, source, transform=None, skip_bad: bool = False, listing: Listing | None = None) -> None:
+    def __init__(
+        self, source, transform=None, skip_bad: bool = False, listing: Listing | None = None, mode: str = "RGB"
+    ) -> None:
         self.source, self.transform, self.skip_bad = source, transform, skip_bad
         self.listing = listing or Listing()
+        self.mode = mode  # how images are decoded: RGB, L (grey) or RGBA (4 bands), see xcit.imageio.to_mode
 
     @property
     def classes(self) -> list[str]:
@@ -188,14 +191,14 @@ class ImageDataset(Dataset):
         return len(self.source)
 
     def subset(self, keep: list[int]) -> ImageDataset:
-        return ImageDataset(self.source.subset(keep), self.transform, self.skip_bad, self.listing)
+        return ImageDataset(self.source.subset(keep), self.transform, self.skip_bad, self.listing, self.mode)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, tuple[str, ...]]:
         n, bad = len(self.source), []
         for k in range(1 if self.skip_bad else min(n, MAX_SUBSTITUTES)):
             j = (i + k) % n
             try:
-                img = self.source.load(j)
+                img = self.source.load(j, self.mode)
             except (ImageError, OSError) as e:
                 bad.append(str(e))
                 continue

@@ -196,8 +196,8 @@ class ShardSource:
         path = os.path.join(self.root, self.shards[self.shard[i]])
         return os.pread(_shard_fd(path), int(self.sizes[i]), int(self.offsets[i]))
 
-    def load(self, i: int):
-        return decode_rgb(self.read(i), self.name(i))
+    def load(self, i: int, mode: str = "RGB"):
+        return decode_rgb(self.read(i), self.name(i), mode=mode)
 
     def subset(self, keep) -> ShardSource:
         keep = np.asarray(keep, dtype=np.int64)

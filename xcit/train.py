@@ -55,7 +55,16 @@ from .weights import load_weights
 
 log = logging.getLogger("xcit")
 
-__all__ = ["TrainState", "TrainingDiverged", "build_model", "fit"]
+__all__ = [
+    "Run",
+    "StepOptions",
+    "TrainState",
+    "TrainingDiverged",
+    "build_model",
+    "build_optimizer",
+    "fit",
+    "train_one_epoch",
+]
 
 CKPT_PATTERN = "ckpt_e*.pth"
 
@@ -162,31 +171,16 @@ def _build_run(cfg: TrainConfig, world: distributed.World, data: _Data) -> tuple
     train_model = _wrap(model, cfg, world)
     _seed_everything(cfg.seed + world.rank)  # official main.py: seed + rank, so drop path differs across ranks
 
-    accum = cfg.gradient_accumulation_steps
-    global_batch = cfg.batch_size * world.size * accum
-    lr = cfg.lr * global_batch / 512 if cfg.lr_scale == "linear" else cfg.lr
-    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_filter, cfg.layer_decay)
-    optimizer = create_optimizer(groups, cfg.opt, lr, cfg.momentum, cfg.eps, cfg.use_nesterov, world.device)
-    schedule = _schedule(cfg, optimizer, lr, data.steps_per_epoch)
+    optimizer, schedule, lr = build_optimizer(cfg, model, data.steps_per_epoch, world.size, world.device)
     amp_dtype, scaler = amp_setup(cfg.amp_level, cfg.amp_dtype, cfg.loss_scale, world.device)
     mixup = mixup_fn(cfg, data.num_classes)
     criterion = _criterion(cfg, mixup is not None, data.num_classes, amp_dtype, world)
     run = Run(model, train_model, ema, optimizer, schedule, scaler, criterion, data.loader, mixup)
     opts = StepOptions(
-        world.device, cfg.epoch_size, world.size, amp_dtype, accum,
+        world.device, cfg.epoch_size, world.size, amp_dtype, cfg.gradient_accumulation_steps,
         cfg.clip_value if cfg.clip_grad else None, cfg.freeze_bn, cfg.channels_last, cfg.log_interval,
     )  # fmt: skip
     return run, opts, lr
-
-
-def _schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, lr: float, steps_per_epoch: int) -> LRSchedule:
-    warmup_start = cfg.warmup_lr if cfg.warmup_lr is not None else lr * cfg.warmup_factor
-    return LRSchedule(
-        optimizer, lr, steps_per_epoch, cfg.epoch_size, scheduler=cfg.scheduler, warmup_epochs=cfg.warmup_epochs,
-        warmup_start=warmup_start, min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
-        milestones=tuple(cfg.multi_step_decay_milestones), stair=cfg.lr_epoch_stair, num_cycles=cfg.num_cycles,
-        cycle_decay=cfg.cycle_decay,
-    )  # fmt: skip
 
 
 def _criterion(cfg: TrainConfig, mixup: bool, num_classes: int, amp_dtype, world: distributed.World):
@@ -288,8 +282,10 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
         cfg.model,
         pretrained=pretrained,
         num_classes=num_classes,
+        in_chans=cfg.in_channels,
         drop_path_rate=cfg.drop_path_rate or 0.0,
         drop_rate=cfg.drop_rate or 0.0,
+        head_drop_rate=cfg.head_drop_rate,
         **cfg.model_overrides,
     )
     if cfg.ckpt_path and not cfg.resume_opt:
@@ -300,6 +296,34 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.to(device)
+
+
+def build_optimizer(
+    cfg: TrainConfig, model: nn.Module, steps_per_epoch: int, world_size: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, LRSchedule, float]:
+    """The optimiser over ``model``'s parameter groups, its per-step schedule and the base lr (``lr_scale``
+    applied to the global batch ``batch_size x world_size x gradient_accumulation_steps``)."""
+    global_batch = cfg.batch_size * world_size * cfg.gradient_accumulation_steps
+    lr = cfg.lr * global_batch / 512 if cfg.lr_scale == "linear" else cfg.lr
+    groups = param_groups(model, cfg.weight_decay, cfg.weight_decay_filter, cfg.layer_decay)
+    optimizer = create_optimizer(groups, cfg.opt, lr, cfg.momentum, cfg.eps, cfg.use_nesterov, device)
+    schedule = LRSchedule(
+        optimizer,
+        lr,
+        steps_per_epoch,
+        cfg.epoch_size,
+        scheduler=cfg.scheduler,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_start=cfg.warmup_lr if cfg.warmup_lr is not None else lr * cfg.warmup_factor,
+        min_lr=cfg.min_lr,
+        decay_epochs=cfg.decay_epochs,
+        decay_rate=cfg.decay_rate,
+        milestones=tuple(cfg.multi_step_decay_milestones),
+        stair=cfg.lr_epoch_stair,
+        num_cycles=cfg.num_cycles,
+        cycle_decay=cfg.cycle_decay,
+    )
+    return optimizer, schedule, lr
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, world: distributed.World) -> nn.Module:

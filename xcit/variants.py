@@ -9,6 +9,7 @@ from pathlib import Path
 from .arch import VARIANTS, XCiTConfig, get_config, gmacs, list_models, official_top1
 from .loading import model_from_weights
 from .model import XCiT, XCiTPyramid
+from .preprocessing import pyramid_feature_info, timm_conventions
 from .weights import read_weights
 
 __all__ = ["VARIANTS", "create_model", "get_config", "gmacs", "list_models", "official_top1"]
@@ -29,7 +30,8 @@ def create_model(
     checkpoint_key: str | None = None,
     **overrides,
 ) -> XCiT | XCiTPyramid:
-    """Build a variant by name.
+    """Build a variant by name. The model carries timm's ``pretrained_cfg`` (evaluation preprocessing: the weight
+    file's when it records one, else :class:`xcit.preprocessing.Preprocessing`'s defaults) and ``feature_info``.
 
     Args:
         name: one of :func:`list_models`.
@@ -40,7 +42,8 @@ def create_model(
         num_classes: classifier size (0 for no head). Default: the weight file's, else 1000. Asking for a size
             other than the file's replaces its head with a new one (logged).
         drop_path_rate: stochastic depth, constant across blocks.
-        in_chans: input channels.
+        in_chans: input channels. Weights for another count (3-channel RGB weights for grey or 4-band images) are
+            adapted as timm's ``adapt_input_conv`` does (summed for 1 channel, repeated and rescaled for more).
         features_only: return an :class:`XCiTPyramid` giving stride 4/8/16/32 maps instead of a classifier.
         out_indices: blocks tapped by the pyramid (default: the official detection backbone's).
         strict: refuse weight files with missing or unexpected keys.
@@ -58,7 +61,12 @@ def create_model(
     arch = dict(drop_path_rate=drop_path_rate, in_chans=in_chans, **overrides)
     if pretrained is None:
         model = XCiT(replace(get_config(name), num_classes=1000 if num_classes is None else num_classes, **arch), name)
+        timm_conventions(model)
     else:
         w = read_weights(pretrained, use_ema=use_ema, checkpoint_key=checkpoint_key)
         model = model_from_weights(w, name, num_classes=num_classes, strict=strict, trust_name=True, **arch)
-    return XCiTPyramid(model, out_indices) if features_only else model
+    if not features_only:
+        return model
+    pyramid = XCiTPyramid(model, out_indices)
+    pyramid.feature_info = pyramid_feature_info(pyramid)
+    return pyramid

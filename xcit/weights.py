@@ -25,6 +25,8 @@ from .arch import VARIANTS
 from .checkpoint import SUPPORTED, load_torch_file  # noqa: F401 - SUPPORTED: the formats, for messages
 from .errors import WeightsError
 from .fileio import atomic_write
+from .limits import check_recorded
+from .preprocessing import Preprocessing
 
 log = logging.getLogger("xcit")
 
@@ -51,6 +53,11 @@ class Weights:
     def num_classes(self) -> int | None:
         w = self.state_dict.get("head.weight")
         return None if w is None else int(w.shape[0])
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The evaluation preprocessing the file records (an ``xcit train`` checkpoint's training config), or None."""
+        return Preprocessing.from_recorded_config(self.config)
 
     def __repr__(self) -> str:  # a summary: the dataclass repr would print every tensor
         params = sum(v.numel() for v in self.state_dict.values())
@@ -283,6 +290,7 @@ def _read(path: Path, use_ema: bool | None, checkpoint_key: str | None = None) -
     fmt = "xcit" if "arch" in extra else layout
     arch = extra.get("arch") if isinstance(extra.get("arch"), str) else None
     recorded = {k: obj[k] if isinstance(obj.get(k), dict) else {} for k in ("config", "model_config")}
+    check_recorded(path, recorded["model_config"], recorded["config"], sd)  # before a model is built from them
     has_ema = any(isinstance(obj.get(k), dict) and obj[k] for k in _EMA_KEYS)
     return Weights(sd, fmt, flavour, arch, extra, **recorded, has_ema=has_ema, used_ema=used_ema, sealed=sealed)
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..imageio import load_rgb
+from ..imageio import load_rgb, to_mode
 from ..options import Parser
 from ..predict import class_names, eval_preprocessing, load_model
+from ..preprocessing import PIL_MODES
 from ..visualize import display_scale, save_channel_maps, save_overlays
 from ._args import add_weights_arguments
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             T.Normalize(prep["mean"], prep["std"]),
         ]
     )
-    x = to_tensor(image)[None]
+    x = to_tensor(to_mode(image, PIL_MODES[model.cfg.in_chans]))[None]  # grey or 4-band models: their bands
     model.check_input(x)
     with torch.no_grad():
         logits, attn = model(x, return_attention=True)

@@ -65,14 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     H, W = (args.img_size * 2)[:2] if args.img_size else prep["input_size"][1:]
     p = model.patch_size
     model.check_input(torch.empty(1, model.cfg.in_chans, H, W))  # friendly error for sizes off the patch grid
-    preprocessing = {k: prep[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
     example = torch.randn(args.batch_size, model.cfg.in_chans, H, W, generator=torch.Generator().manual_seed(0))
 
     if args.format == "onnx":
         meta = {
             "architecture": model.name,
             "class_names": json.dumps(class_names(model)),
-            "preprocessing": json.dumps(preprocessing),
+            "preprocessing": json.dumps(prep),
         }
         export_onnx(model, example, args.out, args.dynamic_batch, args.dynamic_size, args.opset, meta)
     elif args.format == "torchscript":
@@ -80,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.format == "export":
         save_program(export_program(model, example, args.dynamic_batch, args.dynamic_size), args.out)
     elif args.format == "hub":
-        save_pretrained(
-            model, args.out, {k: prep[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
-        )
+        save_pretrained(model, args.out, prep)
     else:
         export_timm(model, args.out)
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "model": model.name,
-            "preprocessing": {k: prep[k] for k in ("input_size", "interpolation", "crop_pct", "mean", "std")},
+            "preprocessing": prep,
             "predictions": [r.to_dict() for r in results],
             "errors": [{"path": p, "error": e} for p, e in errors],
         }
