@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import xcit
-from xcit.model import XCiTPyramid
+from xcit.pyramid import XCiTPyramid
 
 from .conftest import perturb_
 
@@ -228,9 +228,9 @@ def test_token_norms_stay_fp32_under_compile_and_autocast():
     (Eager squares bf16 inputs in bf16, then sums in fp32: 2^-9 relative at most per square.)"""
     t = torch.randn(3, 200, 16, generator=torch.Generator().manual_seed(4)).bfloat16()
     want = t.float().square().sum(dim=1).sqrt()
-    compiled = torch.compile(xcit.model._column_norms, fullgraph=True)
+    compiled = torch.compile(xcit.fastpath.column_norms, fullgraph=True)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        eager, graph = xcit.model._column_norms(t), compiled(t)
+        eager, graph = xcit.fastpath.column_norms(t), compiled(t)
     assert eager.dtype == graph.dtype == torch.float32
     torch.testing.assert_close(graph, want, rtol=1e-5, atol=0)
     torch.testing.assert_close(eager, want, rtol=2**-9, atol=0)

@@ -2,7 +2,8 @@
 
 from .backbone import XCiTBackbone
 from .loading import from_pretrained, load_model
-from .model import XCiT, XCiTConfig, XCiTPyramid
+from .model import XCiT, XCiTConfig
+from .pyramid import XCiTPyramid
 from .variants import VARIANTS, create_model, get_config, list_models
 from .weights import WeightsError, convert, load_weights, read_weights, save_safetensors
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .loading import adapt_input_channels
-from .model import XCiTPyramid
 from .preprocessing import pyramid_feature_info
+from .pyramid import XCiTPyramid
 from .variants import create_model
 from .weights import load_state_dict_checked, read_weights
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -26,44 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import cpu, fused
+from . import fastpath
 from .arch import XCiTConfig
 from .timm_api import TimmModelApi
-
-
-@contextlib.contextmanager
-def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in ``module`` normalise with batch statistics as usual but leave their running statistics
-    as they were: a checkpointed block runs its forward again in backward, and its batch must count once."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    bns = [m for m in bns if m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
-    try:
-        yield
-    finally:
-        for m, (momentum, seen) in zip(bns, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(seen)
 
 
 def _gelu(flavour: str) -> nn.GELU:
     # MindSpore's nn.GELU defaults to approximate=True (tanh); the official code uses exact erf GELU.
     return nn.GELU(approximate="tanh" if flavour == "mindcv" else "none")
-
-
-def _graph_capture() -> bool:
-    """Under torch.compile / torch.export or torch.jit.trace: take the plain path (tracers record Python-side caches
-    as constants of the traced size, and TorchScript/ONNX tracing mishandles in-place ops on views)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
-def _act_(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)`` on a freshly computed ``x``, in place when no gradient is recorded (saves a large allocation)."""
-    if torch.is_grad_enabled() or _graph_capture():
-        return act(x)
-    return torch.ops.aten.gelu_(x, approximate=act.approximate)
 
 
 class DropPath(nn.Module):
@@ -84,24 +53,6 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
-def _accumulates(shortcut: torch.Tensor, *operands: torch.Tensor) -> bool:
-    """Whether a GEMM can accumulate in place into ``shortcut``: one dtype, and no autocast to change it."""
-    if torch.is_autocast_enabled(shortcut.device.type) or torch.jit.is_tracing():
-        return False
-    return all(t.dtype == shortcut.dtype for t in operands)
-
-
-def _add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
-    if torch.compiler.is_compiling():  # a bias-free GEMM; inductor fuses both adds into the next LayerNorm
-        return shortcut + bias + x @ weight.t()
-    if not _accumulates(shortcut, x, weight) or not shortcut.is_contiguous():  # e.g. tokens of an NCHW 1-channel stem
-        return shortcut + F.linear(x, weight, bias)
-    out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
-    out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Patch embedding and positional encoding
 # ----------------------------------------------------------------------------------------------------------------------
@@ -109,15 +60,6 @@ def _add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, b
 
 def _conv_bn(in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_ch))
-
-
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``bn(conv(x))`` as one conv, exact for BN in eval mode (running statistics)."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return conv.weight * scale.view(-1, 1, 1, 1), bias
 
 
 class ConvPatchEmbed(nn.Module):
@@ -144,19 +86,7 @@ class ConvPatchEmbed(nn.Module):
         layers = list(self.proj)
         stages, acts = layers[0::2], layers[1::2]  # conv-BN stages with a GELU between each pair
         for i, stage in enumerate(stages):
-            act = acts[i] if i < len(acts) else None
-            if stage[1].training:
-                x = stage(x)
-            else:  # eval: BN folded into the conv, one pass instead of two
-                conv = stage[0]
-                w, b = _fold_bn(conv, stage[1])
-                dtype = fused.compute_dtype(x, conv.weight) if act is not None else None
-                if dtype is not None:  # the GELU runs inside the conv
-                    x, act = fused.conv_gelu(x, w, b, conv.stride[0], 1, act.approximate, dtype), None
-                else:
-                    x = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
-            if act is not None:
-                x = _act_(act, x)
+            x = fastpath.conv_bn_act(stage, acts[i] if i < len(acts) else None, x)
         return x
 
 
@@ -194,7 +124,7 @@ class PositionalEncodingFourier(nn.Module):
     def forward(self, H: int, W: int) -> torch.Tensor:
         """(1, H*W, D) positional tokens."""
         w = self.token_projection.weight
-        if _graph_capture():
+        if fastpath.graph_capture():
             pos = self.features(H, W, w.device).flatten(2).transpose(1, 2)
         else:  # the features depend only on the grid: compute them once per (H, W, device)
             key = (H, W, w.device)
@@ -208,17 +138,6 @@ class PositionalEncodingFourier(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # XCA block
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _column_norms(t: torch.Tensor) -> torch.Tensor:
-    """L2 norms over tokens of a (B, N, C) view, in fp32, at least 1e-12 (F.normalize's eps)."""
-    if torch.compiler.is_compiling():  # inductor runs a strided column sum serially; a GEMV with ones is parallel
-        ones = torch.ones(t.shape[0], 1, t.shape[1], device=t.device, dtype=torch.float32)
-        with torch.autocast(t.device.type, enabled=False):  # autocast would run this GEMV, and round it, in bf16
-            sq = torch.bmm(ones, t.float().square()).squeeze(1)
-    else:  # several times faster than vector_norm over the strided token dim
-        sq = (t * t).sum(dim=1, dtype=torch.float32)
-    return sq.sqrt().clamp_min(1e-12)
 
 
 class XCA(nn.Module):
@@ -244,16 +163,6 @@ class XCA(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)  # unused with a shortcut: XCABlock runs unfused while it is active
 
-    def _gram(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Per-head ``q^T k``: (B, N, C) x (B, N, C) -> (B, h, d, d), on strided views of the qkv output."""
-        B, N, C = q.shape
-        h = self.num_heads
-        if q.dtype == torch.float32 or not q.is_cpu or not cpu.paths().batched_heads_bf16:  # one GEMM per head
-            qs, ks = q.view(B, N, h, -1).unbind(2), k.view(B, N, h, -1).unbind(2)
-            return torch.stack([a.mT @ b for a, b in zip(qs, ks)], dim=1)
-        # oneDNN (CPU bf16, fp16) copies each head's strided view: one GEMM batched over (B, h) is faster
-        return q.reshape(B, N, h, -1).permute(0, 2, 3, 1) @ k.reshape(B, N, h, -1).transpose(1, 2)
-
     def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the (B, h, d, d) channel attention (fp32) and v as (B, N, h, d)."""
         B, N, C = x.shape
@@ -261,17 +170,17 @@ class XCA(nn.Module):
         qkv = self.qkv(x)  # (B, N, 3C)
         q, k, v = qkv.unflatten(-1, (3, C)).unbind(-2)  # each (B, N, C), views
         if not self.qk_norm:
-            attn = self._gram(q, k).float()
+            attn = fastpath.gram(q, k, h).float()
         else:
             # official: F.normalize(q, dim=-1) over tokens with eps 1e-12
-            qn, kn = (_column_norms(t) for t in (q, k))  # (B, C)
+            qn, kn = (fastpath.column_norms(t) for t in (q, k))  # (B, C)
             if q.dtype == torch.float16:  # fp16 Gram entries can overflow before normalisation: normalise first
                 # (1 / 1e-12 is inf in fp16, so scale in fp32; unit vectors then fit fp16)
                 q, k = (q.float() / qn.unsqueeze(1)).to(q.dtype), (k.float() / kn.unsqueeze(1)).to(k.dtype)
-                attn = self._gram(q, k).float()
+                attn = fastpath.gram(q, k, h).float()
             else:
                 qn, kn = qn.view(B, h, C // h), kn.view(B, h, C // h)
-                attn = self._gram(q, k).float() / (qn.unsqueeze(-1) * kn.unsqueeze(-2))
+                attn = fastpath.gram(q, k, h).float() / (qn.unsqueeze(-1) * kn.unsqueeze(-2))
         attn = (attn * self.temperature.float()).softmax(dim=-1)
         return attn, v.view(B, N, h, C // h)
 
@@ -287,19 +196,9 @@ class XCA(nn.Module):
         if gamma is not None:  # LayerScale folded into proj's output columns
             w_t, b = w_t * gamma, b * gamma
         # out[n, o] = sum_{h,i,j} Wp[o, (h, i)] attn[h, i, j] v[n, (h, j)]: mixing[(h, j), o] = (attn_h^T Wp_h^T)[j, o]
-        attn_t, w_h = attn.to(v.dtype).mT, w_t.view(h, C // h, C)
-        if v.dtype == torch.float32 or not v.is_cpu or not cpu.paths().batched_heads_bf16:  # broadcast weights
-            mixing = (attn_t @ w_h).view(B, C, C)
-        else:  # oneDNN: one GEMM per head over all images, (B d x d) @ (d x C), is faster than B h small ones
-            mixing = torch.bmm(attn_t.transpose(0, 1).reshape(h, -1, C // h), w_h)  # (h, B d, C)
-            mixing = mixing.view(h, B, C // h, C).transpose(0, 1).reshape(B, C, C)
-        if shortcut is not None and torch.compiler.is_compiling():  # as in _add_linear
-            return shortcut + b + v @ mixing
-        if shortcut is None:
-            return self.proj_drop(torch.baddbmm(b, v, mixing))
-        if _accumulates(shortcut, v, mixing):
-            return (shortcut + b).baddbmm_(v, mixing)
-        return shortcut + torch.baddbmm(b, v, mixing)
+        mixing = fastpath.mixing(attn.to(v.dtype).mT, w_t.view(h, C // h, C))
+        out = fastpath.add_baddbmm(shortcut, b, v, mixing)
+        return self.proj_drop(out) if shortcut is None else out
 
 
 class LPI(nn.Module):
@@ -324,12 +223,7 @@ class LPI(nn.Module):
         B, N, C = x.shape
         # (B, N, C) is already NHWC in memory: view it as a channels_last NCHW tensor, no copy
         x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        dtype = fused.compute_dtype(x, self.conv1.weight)
-        if dtype is not None:
-            x = fused.conv_gelu(x, self.conv1.weight, self.conv1.bias, 1, C, self.act.approximate, dtype)
-        else:
-            x = _act_(self.act, self.conv1(x))
-        x = self.bn(x)
+        x = self.bn(fastpath.depthwise_conv_gelu(self.conv1, self.act, x))
         w, b = self.conv2.weight, self.conv2.bias
         # eager: conv2 is linear, so the LayerScale folds into its weights exactly. Compiled: inductor fuses it into
         # the residual add, and oneDNN's depthwise conv with computed weights is ~1.7x slower inside its graphs
@@ -354,18 +248,11 @@ class Mlp(nn.Module):
         self, x: torch.Tensor, shortcut: torch.Tensor | None = None, gamma: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``fc2(act(fc1(x)))``, or ``shortcut + gamma * fc2(...)`` with the residual accumulated by the GEMM."""
-        dtype = fused.compute_dtype(x, self.fc1.weight)
-        if dtype is not None:  # inference on CPU: the GELU runs in the GEMM's epilogue
-            x = fused.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.act.approximate, dtype)
-        elif torch.compiler.is_compiling():  # bias-free GEMM; inductor fuses the bias into the GELU
-            x = self.act(x @ self.fc1.weight.t() + self.fc1.bias)
-        else:
-            x = _act_(self.act, self.fc1(x))
-        x = self.drop(x)
+        x = self.drop(fastpath.linear_gelu(self.fc1, self.act, x))
         w, b = self.fc2.weight, self.fc2.bias
         if gamma is not None:  # LayerScale folded into fc2's output rows (dropout's mask commutes with it)
             w, b = w * gamma.unsqueeze(-1), b * gamma
-        return self.drop(F.linear(x, w, b)) if shortcut is None else _add_linear(shortcut, x, w, b)
+        return self.drop(F.linear(x, w, b)) if shortcut is None else fastpath.add_linear(shortcut, x, w, b)
 
 
 class XCABlock(nn.Module):
@@ -589,7 +476,7 @@ class XCiT(TimmModelApi, nn.Module):
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             if torch.compiler.is_compiling():  # the backward graph recomputes activations only, no buffer updates
                 return checkpoint(blk, x, Hp, Wp, use_reentrant=False)
-            contexts = lambda: (contextlib.nullcontext(), _running_stats_frozen(blk))  # noqa: E731 (forward, recompute)
+            contexts = lambda: (contextlib.nullcontext(), fastpath.running_stats_frozen(blk))  # noqa: E731 (forward, recompute)
             return checkpoint(blk, x, Hp, Wp, use_reentrant=False, context_fn=contexts)
         return blk(x, Hp, Wp)
 
@@ -684,52 +571,3 @@ class XCiT(TimmModelApi, nn.Module):
             return feats
         x, _ = self.forward_cls(x)
         return self.norm(x), feats
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Multi-scale pyramid for dense tasks (official detection/segmentation backbone)
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def default_out_indices(depth: int) -> list[int]:
-    """Blocks tapped by the official dense-task backbone: [3, 5, 7, 11] for depth 12, [7, 11, 15, 23] for 24."""
-    if depth == 12:
-        return [3, 5, 7, 11]
-    if depth == 24:
-        return [7, 11, 15, 23]
-    return [round(depth * f) - 1 for f in (1 / 3, 1 / 2, 2 / 3, 1)]
-
-
-class XCiTPyramid(nn.Module):
-    """Features at strides 4/8/16/32 from four XCA blocks, resampled as in the official detection backbone.
-
-    p16: 2 deconvs (x4), 1 deconv (x2), identity, 2x2 max-pool. p8: deconv (x2), identity, max-pool 2, max-pool 4.
-    ``forward`` returns a dict ``{"0": s4, "1": s8, "2": s16, "3": s32}`` (torchvision's convention).
-    """
-
-    strides = (4, 8, 16, 32)
-
-    def __init__(self, model: XCiT, out_indices: list[int] | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.out_indices = out_indices or default_out_indices(len(model.blocks))
-        if len(self.out_indices) != 4:
-            raise ValueError(f"need 4 out_indices, got {self.out_indices}")
-        D = model.num_features
-        self.out_channels = D
-        self.channels = [D] * 4
-
-        def up(n: int) -> nn.Module:
-            layers: list[nn.Module] = [nn.ConvTranspose2d(D, D, 2, 2)]
-            for _ in range(n - 1):
-                layers += [nn.BatchNorm2d(D), nn.GELU(), nn.ConvTranspose2d(D, D, 2, 2)]
-            return nn.Sequential(*layers)
-
-        if model.patch_size == 16:
-            self.fpn = nn.ModuleList([up(2), up(1), nn.Identity(), nn.MaxPool2d(2, 2)])
-        else:
-            self.fpn = nn.ModuleList([up(1), nn.Identity(), nn.MaxPool2d(2, 2), nn.MaxPool2d(4, 4)])
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.model.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
-        return {str(i): f(y) for i, (f, y) in enumerate(zip(self.fpn, feats))}

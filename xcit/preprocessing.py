@@ -145,7 +145,7 @@ def feature_info(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def pyramid_feature_info(pyramid: nn.Module, prefix: str = "") -> list[dict[str, Any]]:
-    """One entry per level of an :class:`xcit.model.XCiTPyramid` (strides 4, 8, 16, 32)."""
+    """One entry per level of an :class:`xcit.pyramid.XCiTPyramid` (strides 4, 8, 16, 32)."""
     return [
         dict(num_chs=c, reduction=s, module=f"{prefix}fpn.{i}")
         for i, (c, s) in enumerate(zip(pyramid.channels, pyramid.strides))

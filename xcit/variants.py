@@ -8,8 +8,9 @@ from pathlib import Path
 
 from .arch import VARIANTS, XCiTConfig, get_config, gmacs, list_models, official_top1
 from .loading import model_from_weights
-from .model import XCiT, XCiTPyramid
+from .model import XCiT
 from .preprocessing import pyramid_feature_info, timm_conventions
+from .pyramid import XCiTPyramid
 from .weights import read_weights
 
 __all__ = ["VARIANTS", "create_model", "get_config", "gmacs", "list_models", "official_top1"]

@@ -1,0 +1,161 @@
+"""The fast paths behind :mod:`xcit.model`'s forwards: the same values as the plain ops, computed with fewer passes.
+
+Each helper takes the plain computation's inputs and picks, by where it runs, how to compute it:
+
+* eager inference on CPU: oneDNN's fused GEMM/conv + GELU (:mod:`xcit.fused`), GELUs in place, BatchNorm folded
+  into the preceding conv, residual adds accumulated by the GEMM that produces the branch;
+* ``torch.compile``: bias-free GEMMs and plain adds, which inductor fuses into its own kernels, and reductions
+  written as GEMVs, which it runs in parallel;
+* tracing, export, and anything with autograd: the standard ops (exported graphs hold nothing custom).
+
+Which CPU paths are taken also depends on the CPU family (:func:`xcit.cpu.paths`). Every branch is covered by the
+parity tests against timm (values and gradients) and by ``tests/test_fused.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu, fused
+
+
+def graph_capture() -> bool:
+    """Under torch.compile / torch.export or torch.jit.trace: take the plain path (tracers record Python-side caches
+    as constants of the traced size, and TorchScript/ONNX tracing mishandles in-place ops on views)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def act_(act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)`` on a freshly computed ``x``, in place when no gradient is recorded (saves a large allocation)."""
+    if torch.is_grad_enabled() or graph_capture():
+        return act(x)
+    return torch.ops.aten.gelu_(x, approximate=act.approximate)
+
+
+def _accumulates(shortcut: torch.Tensor, *operands: torch.Tensor) -> bool:
+    """Whether a GEMM can accumulate in place into ``shortcut``: one dtype, and no autocast to change it."""
+    if torch.is_autocast_enabled(shortcut.device.type) or torch.jit.is_tracing():
+        return False
+    return all(t.dtype == shortcut.dtype for t in operands)
+
+
+def add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
+    if torch.compiler.is_compiling():  # a bias-free GEMM; inductor fuses both adds into the next LayerNorm
+        return shortcut + bias + x @ weight.t()
+    if not _accumulates(shortcut, x, weight) or not shortcut.is_contiguous():  # e.g. tokens of an NCHW 1-channel stem
+        return shortcut + F.linear(x, weight, bias)
+    out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
+    out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    return out
+
+
+def add_baddbmm(shortcut: torch.Tensor | None, bias: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``shortcut + bias + x @ m`` (batched), accumulated in place where it can be; without ``shortcut``,
+    ``bias + x @ m``."""
+    if shortcut is None:
+        return torch.baddbmm(bias, x, m)
+    if torch.compiler.is_compiling():  # as in add_linear
+        return shortcut + bias + x @ m
+    if _accumulates(shortcut, x, m):
+        return (shortcut + bias).baddbmm_(x, m)
+    return shortcut + torch.baddbmm(bias, x, m)
+
+
+def linear_gelu(fc: nn.Linear, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """``act(fc(x))``: one oneDNN kernel in CPU inference, a bias-free GEMM under compile, else GELU in place."""
+    dtype = fused.compute_dtype(x, fc.weight)
+    if dtype is not None:  # the GELU runs in the GEMM's epilogue
+        return fused.linear_gelu(x, fc.weight, fc.bias, act.approximate, dtype)
+    if torch.compiler.is_compiling():  # inductor fuses the bias into the GELU
+        return act(x @ fc.weight.t() + fc.bias)
+    return act_(act, fc(x))
+
+
+def depthwise_conv_gelu(conv: nn.Conv2d, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """``act(conv(x))`` for LPI's depthwise 3x3 conv, one oneDNN kernel in CPU inference."""
+    dtype = fused.compute_dtype(x, conv.weight)
+    if dtype is not None:
+        return fused.conv_gelu(x, conv.weight, conv.bias, 1, conv.groups, act.approximate, dtype)
+    return act_(act, conv(x))
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one conv, exact for BN in eval mode (running statistics)."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.view(-1, 1, 1, 1), bias
+
+
+def conv_bn_act(stage: nn.Sequential, act: nn.GELU | None, x: torch.Tensor) -> torch.Tensor:
+    """``act(bn(conv(x)))`` of one patch-embedding stage (``act`` None: no activation). In eval BN is folded into
+    the conv (one pass instead of two) and, in CPU inference, the GELU runs inside it."""
+    conv, bn = stage[0], stage[1]
+    if bn.training:
+        x = stage(x)
+    else:
+        w, b = fold_bn(conv, bn)
+        dtype = fused.compute_dtype(x, conv.weight) if act is not None else None
+        if dtype is not None:
+            return fused.conv_gelu(x, w, b, conv.stride[0], 1, act.approximate, dtype)
+        x = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
+    return act_(act, x) if act is not None else x
+
+
+def column_norms(t: torch.Tensor) -> torch.Tensor:
+    """L2 norms over tokens of a (B, N, C) view, in fp32, at least 1e-12 (F.normalize's eps)."""
+    if torch.compiler.is_compiling():  # inductor runs a strided column sum serially; a GEMV with ones is parallel
+        ones = torch.ones(t.shape[0], 1, t.shape[1], device=t.device, dtype=torch.float32)
+        with torch.autocast(t.device.type, enabled=False):  # autocast would run this GEMV, and round it, in bf16
+            sq = torch.bmm(ones, t.float().square()).squeeze(1)
+    else:  # several times faster than vector_norm over the strided token dim
+        sq = (t * t).sum(dim=1, dtype=torch.float32)
+    return sq.sqrt().clamp_min(1e-12)
+
+
+def _batch_heads(t: torch.Tensor) -> bool:
+    """oneDNN (CPU bf16, fp16) copies each head's strided view: batch the per-head GEMMs where the family wants it."""
+    return t.dtype != torch.float32 and t.is_cpu and cpu.paths().batched_heads_bf16
+
+
+def gram(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head ``q^T k``: (B, N, C) x (B, N, C) -> (B, h, d, d), on strided views of the qkv output."""
+    B, N, C = q.shape
+    if not _batch_heads(q):  # one GEMM per head
+        qs, ks = q.view(B, N, heads, -1).unbind(2), k.view(B, N, heads, -1).unbind(2)
+        return torch.stack([a.mT @ b for a, b in zip(qs, ks)], dim=1)
+    return q.reshape(B, N, heads, -1).permute(0, 2, 3, 1) @ k.reshape(B, N, heads, -1).transpose(1, 2)
+
+
+def mixing(attn_t: torch.Tensor, w_h: torch.Tensor) -> torch.Tensor:
+    """The (B, C, C) matrix ``blockdiag(attn_h^T) @ W_p^T``: (B, h, d, d) transposed attention, (h, d, C) weights."""
+    B, h, d, _ = attn_t.shape
+    C = w_h.shape[-1]
+    if not _batch_heads(attn_t):  # broadcast the weights over the images
+        return (attn_t @ w_h).view(B, C, C)
+    m = torch.bmm(attn_t.transpose(0, 1).reshape(h, -1, d), w_h)  # one GEMM per head over all images: (h, B d, C)
+    return m.view(h, B, d, C).transpose(0, 1).reshape(B, C, C)
+
+
+@contextlib.contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in ``module`` normalise with batch statistics as usual but leave their running statistics
+    as they were: a checkpointed block runs its forward again in backward, and its batch must count once."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    bns = [m for m in bns if m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (momentum, seen) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(seen)
