@@ -145,14 +145,7 @@ def linear_gelu(
     return _linear_gelu_op(x.to(dtype), weight, bias, approximate, dtype)
 
 
-def conv_gelu(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    stride: int,
-    groups: int,
-    approximate: str,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def conv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int, approximate: str,
+              dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """``gelu(conv2d(x, weight, bias, stride, padding=1, groups))`` for 3x3 kernels, channels_last, one kernel."""
     return _conv_gelu_op(x.to(dtype), weight, bias, stride, groups, approximate, dtype)
