@@ -46,6 +46,7 @@ from .data import build_datasets, mixup_fn, train_loader, train_subset, val_load
 from .distill import build_teacher
 from .ema import ModelEma
 from .evaluate import evaluate
+from .fileio import check_writable_dir
 from .logging_utils import MetricsLog, run_banner, setup_logging, step_log
 from .losses import Criterion, DistillationLoss
 from .optim import create_optimizer, param_groups
@@ -92,6 +93,7 @@ def fit(
     current step and raises :class:`Preempted`.
     """
     check_training(cfg)
+    check_writable_dir(cfg.ckpt_save_dir, "checkpoints")  # a read-only or full disk: one line now, not a traceback
     world = distributed.init(cfg.device_target, cfg.distribute, cfg.dist_timeout)
     with hold_run_lock(Path(cfg.ckpt_save_dir), world.is_main):
         return _fit(cfg, world, explicit, on_step, stop)
