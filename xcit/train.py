@@ -44,9 +44,11 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig, check_training, notices, save_config
 from .data import build_datasets, mixup_fn, train_loader, train_subset, val_loader
 from .distill import build_teacher
+from .divergence import diverged_weights, set_aside_diverged
 from .ema import ModelEma
 from .evaluate import evaluate
 from .fileio import check_writable_dir
+from .limits import check_same_architecture
 from .logging_utils import MetricsLog, run_banner, setup_logging, step_log
 from .losses import Criterion, DistillationLoss
 from .optim import create_optimizer, param_groups
@@ -155,6 +157,12 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
     metrics = MetricsLog(out, state.epoch, cfg.tensorboard) if world.is_main else None
 
     def save(names: list[str]) -> None:  # every rank calls it (the RNG states are gathered)
+        if bad := diverged_weights(model):  # the same weights on every rank: every rank stops here
+            last = latest_checkpoint(out, CKPT_PATTERN) if world.is_main else None
+            raise TrainingDiverged(
+                f"the weights diverged at step {state.step} ({bad}); not saved. Last good checkpoint: "
+                f"{last or 'none written yet'}. Try a lower lr or clip_grad: True"
+            )
         rngs = distributed.all_gather_object(capture_rng_state())
         if world.is_main:
             ckpt = checkpoint_state(cfg, model, ema, optimizer, schedule, scaler, loader.sampler, state, rngs, classes)
@@ -203,7 +211,7 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
             channels_last=cfg.channels_last,
             log_interval=cfg.log_interval,
             on_step=after_step,
-            last_checkpoint=lambda: latest_checkpoint(out, CKPT_PATTERN) if world.is_main else None,
+            last_checkpoint=lambda: set_aside_diverged(out, CKPT_PATTERN, state.step) if world.is_main else None,
         )
         stats["bad_images"] = report_bad_reads(loader, f"epoch {epoch + 1}", "replaced by the next good image", 10)
         state.epoch, state.batches_done, state.loss_sum, state.loss_steps = epoch + 1, 0, 0.0, 0
@@ -483,6 +491,7 @@ def restore(
             f"{path} was trained as {ckpt.get('arch')!r} on {len(ckpt.get('classes') or [])} classes; this run is "
             f"{cfg.model!r} on {len(classes)} classes"
         )
+    check_same_architecture(path, ckpt.get("model_config"), dataclasses.asdict(model.cfg))
     model.load_state_dict(ckpt["model"])
     if ema is not None:
         ema.module.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
