@@ -47,3 +47,22 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def check_writable_dir(directory: str | os.PathLike, what: str = "output") -> Path:
+    """Create ``directory`` (and its parents) and prove a file can be created in it, before any work that would
+    write there: a read-only, full or missing folder (or a file in its place) is an ``OSError`` naming the folder,
+    raised now instead of after the work. A probe file is written and removed, since ``os.access`` says yes to
+    root on a read-only mount."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        probe.unlink()
+    except OSError as e:
+        blocking = next((p for p in (directory, *directory.parents) if p.exists()), None)
+        why = f"{blocking} is a file, not a folder" if blocking and not blocking.is_dir() else e.strerror or str(e)
+        raise OSError(f"cannot write the {what} in {directory}: {why}") from None
+    return directory

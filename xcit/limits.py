@@ -142,3 +142,26 @@ def check_zip_inflation(f: IO[bytes], path: object) -> None:
             f"{path}: its zip members inflate to {inflated / 2**30:.2f} GiB, more than the limit of {ZIP_INFLATION}x "
             f"the file's {size / 2**20:.1f} MiB + 1 MiB (PyTorch stores tensors uncompressed): refused before reading"
         )
+
+
+# fields that only regularise training or size the head (checked against the class list separately)
+_NOT_ARCHITECTURE = ("num_classes", "drop_rate", "head_drop_rate", "drop_path_rate")
+
+
+def check_same_architecture(path: object, recorded: Mapping | None, built: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint whose recorded architecture (``model_config``) differs from the run's, naming
+    the fields, instead of a ``load_state_dict`` traceback. A checkpoint that records none is not checked here."""
+    from .errors import ConfigError
+
+    if not recorded:
+        return
+    differ = [
+        f"{k} {recorded[k]!r} (this run: {built[k]!r})"
+        for k in built
+        if k in recorded and k not in _NOT_ARCHITECTURE and recorded[k] != built[k]
+    ]
+    if differ:
+        raise ConfigError(
+            f"{path} was trained with another architecture: {', '.join(differ)}; resume with the same model_overrides "
+            f"(its config.yaml), or start a new run in another ckpt_save_dir"
+        )

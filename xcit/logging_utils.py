@@ -71,7 +71,21 @@ class MetricsLog:
     def _read(self) -> list[dict]:
         if not self.jsonl.is_file():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        lines = self.jsonl.read_text(errors="replace").splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                rows.append(row)
+                continue
+            what = "a torn last line (a crash mid-append)" if i == len(lines) else "not a metrics row"
+            log.warning("%s: line %d is %s; dropped, the file is rewritten without it", self.jsonl, i, what)
+        return rows
 
     def _rewrite(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import load_checkpoint
 from .errors import ConfigError
+from .limits import check_same_architecture
 from .logging_utils import step_log
 from .precision import autocast
 
@@ -108,6 +109,7 @@ class Run:
                 f"{path} was trained as {ckpt.get('arch')!r} on {len(ckpt.get('classes') or [])} classes; this run "
                 f"is {arch!r} on {len(classes)} classes"
             )
+        check_same_architecture(path, ckpt.get("model_config"), dataclasses.asdict(self.model.cfg))
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
@@ -140,7 +142,7 @@ def train_one_epoch(
     run: Run,
     opts: StepOptions,
     on_step: Callable[[TrainState], None] | None = None,
-    last_checkpoint: Callable[[], Path | None] = lambda: None,
+    last_checkpoint: Callable[[], Path | None] | None = None,
 ) -> dict:
     """One epoch (or its rest, after a mid-epoch resume). Returns ``train_loss``, ``lr``, ``epoch_time`` and
     ``img_per_sec`` (global). The loss of each step is the mean over all ranks' images. ``on_step(state)`` runs
@@ -164,9 +166,10 @@ def train_one_epoch(
         micro.zero_()
         if not math.isfinite(step_loss):
             bar.close()
+            last = last_checkpoint() if last_checkpoint is not None else None
             raise TrainingDiverged(
                 f"loss is {step_loss} at epoch {state.epoch + 1}, step {state.step + 1}: stopped before this step "
-                f"changed the weights. Last good checkpoint: {last_checkpoint() or 'none written yet'}. Try a "
+                f"changed the weights. Last good checkpoint: {last or 'none written yet'}. Try a "
                 f"lower lr, clip_grad: True, or amp_level O0 / amp_dtype bf16."
             )
         step_lr = _optimizer_step(run, opts.clip_value)

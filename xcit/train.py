@@ -39,8 +39,10 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig, check_training, notices, save_config
 from .data import build_datasets, mixup_fn, train_loader, train_subset, val_loader
 from .distill import build_teacher
+from .divergence import diverged_weights, set_aside_diverged
 from .ema import ModelEma
 from .evaluate import evaluate
+from .fileio import check_writable_dir
 from .logging_utils import MetricsLog, run_banner, setup_logging
 from .loop import Run, StepOptions, TrainingDiverged, TrainState, train_one_epoch
 from .losses import Criterion, DistillationLoss
@@ -83,6 +85,7 @@ def fit(
     current step and raises :class:`Preempted`.
     """
     check_training(cfg)
+    check_writable_dir(cfg.ckpt_save_dir, "checkpoints")  # a read-only or full disk: one line now, not a traceback
     world = distributed.init(cfg.device_target, cfg.distribute, cfg.dist_timeout)
     with hold_run_lock(Path(cfg.ckpt_save_dir), world.is_main):
         return _fit(cfg, world, explicit, on_step, stop)
@@ -115,7 +118,7 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
     for epoch in range(run.state.epoch, cfg.epoch_size):
         run.state.epoch = epoch
         run.loader.sampler.set_epoch(epoch)
-        last_checkpoint = (lambda: latest_checkpoint(out, CKPT_PATTERN)) if world.is_main else (lambda: None)
+        last_checkpoint = (lambda: set_aside_diverged(out, CKPT_PATTERN, run.state.step)) if world.is_main else None
         stats = train_one_epoch(run, opts, after_step, last_checkpoint)
         stats["bad_images"] = report_bad_reads(run.loader, f"epoch {epoch + 1}", "replaced by the next good image", 10)
         st = run.state
@@ -223,6 +226,12 @@ class _Saver:
 
     def save(self, names: list[str]) -> None:
         """Write the run's state under each of ``names``. Every rank calls it (the RNG states are gathered)."""
+        if bad := diverged_weights(self.run.model):  # the same weights on every rank: every rank stops here
+            last = latest_checkpoint(self.out, CKPT_PATTERN) if self.is_main else None
+            raise TrainingDiverged(
+                f"the weights diverged at step {self.run.state.step} ({bad}); not saved. Last good checkpoint: "
+                f"{last or 'none written yet'}. Try a lower lr or clip_grad: True"
+            )
         rngs = distributed.all_gather_object(capture_rng_state())
         if not self.is_main:
             return

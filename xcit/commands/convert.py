@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from ..fileio import check_writable_dir
 from ..options import Parser
 from ..weights import FORMATS, convert
 
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="architecture name to record (default: inferred from the weights' shapes)")
     p.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
     args = p.parse_args(argv)
+    check_writable_dir(Path(args.dst).resolve().parent, "converted weights")
     w = convert(args.src, args.dst, to=args.to, arch=args.model, use_ema=args.ema)
     log.info(
         "wrote %s (%s weights, arch=%s, flavour=%s, %d tensors)",

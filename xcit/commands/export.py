@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,7 @@ from ..export import (
     save_program,
     verify,
 )
+from ..fileio import check_writable_dir
 from ..hub import export_timm, save_pretrained
 from ..options import Parser
 from ..predict import class_names, eval_preprocessing, load_model
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "onnx":  # before any work: a missing [export] extra is one line naming it (xcit.cli)
         for name in ("onnx", "onnxscript", "onnxruntime"):
             importlib.import_module(name)
+    check_writable_dir(Path(args.out).resolve().parent, "export")  # before minutes of tracing
     model = load_model(args.model, args.pretrained, use_ema=args.ema)
     prep = eval_preprocessing(model)
     H, W = (args.img_size * 2)[:2] if args.img_size else prep["input_size"][1:]

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
+from ..fileio import check_writable_dir
 from ..options import Parser
 from ..precision import PRECISIONS
 from ..predict import class_names, eval_preprocessing, eval_transform, find_images, load_model, predict
+from ..predict_results import FORMATS as RESULT_FORMATS
+from ..predict_results import results_format, write_results
 from ._args import add_weights_arguments
 
 log = logging.getLogger("xcit")
@@ -38,11 +41,24 @@ def _parser() -> argparse.ArgumentParser:
         help="fp32, or bf16/fp16 autocast (bf16 is about 2x faster on CPUs with AMX, and on recent GPUs)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document (predictions and errors)")
+    p.add_argument(
+        "--results-file",
+        metavar="FILE",
+        help="also write the predictions to FILE as timm's inference.py does (filename, index, label, prob)",
+    )
+    p.add_argument(
+        "--results-format",
+        choices=RESULT_FORMATS,
+        help="csv (one column per rank) | json | json-split | json-records (default: from FILE's extension, "
+        ".json -> json, .jsonl -> json-records, else csv)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.results_file:  # a folder that cannot be written fails now, not after the predictions
+        check_writable_dir(Path(args.results_file).resolve().parent, "results file")
     model = load_model(args.model, args.pretrained, use_ema=args.ema)
     prep = eval_preprocessing(model, args.img_size)
     transform = eval_transform(prep)
@@ -69,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for r in results:
             print(f"{r.path}: " + ", ".join(f"{name} ({prob:.3f})" for _, name, prob in r.topk))
+    if args.results_file:
+        write_results(results, args.results_file, args.results_format)
+        log.info("results: %s (%s)", args.results_file, results_format(args.results_file, args.results_format))
     if errors:
         log.warning("%d of %d files could not be read and were skipped", len(errors), len(files))
     return 0 if results else 1

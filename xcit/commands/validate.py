@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, load_config
+from ..fileio import check_writable_dir
 from ..options import VALIDATE_KEYS
 from ..weights import WeightsError
 
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, explicit = load_config(argv, prog="xcit validate", description=DESCRIPTION, keys=VALIDATE_KEYS)
         if not cfg.data_dir:
             raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset")
+        if cfg.results_file:  # fails now, not after validating
+            check_writable_dir(Path(cfg.results_file).resolve().parent, "results file")
         validate(cfg, explicit)
     except (ConfigError, CheckpointError, WeightsError, FileNotFoundError) as e:
         print(f"xcit validate: error: {e}", file=sys.stderr)
