@@ -83,16 +83,16 @@ def check_architecture(arch: Mapping[str, Any]) -> None:
         raise ValueError(f"the architecture has about {params:.3g} parameters, more than the limit of {MAX_PARAMS:.0e}")
 
 
-def check_config_limits(cfg: Any) -> None:
-    """A training config's ``model_overrides`` (built into the variant's architecture) and the values that size an
-    allocation or seed a generator: :class:`ConfigError` naming the key, before any work."""
+def check_config_limits(cfg: Any, variant: Any) -> None:
+    """A training config's ``model_overrides`` (built into ``variant``, the named variant's architecture record)
+    and the values that size an allocation or seed a generator: :class:`ConfigError` naming the key, before any
+    work."""
     from dataclasses import replace
 
-    from .arch import get_config
     from .errors import ConfigError
 
     try:
-        replace(get_config(cfg.model), **cfg.model_overrides)
+        replace(variant, **cfg.model_overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"bad value for 'model_overrides': {e}") from None
     try:
