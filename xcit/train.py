@@ -20,7 +20,9 @@ import json
 import logging
 import math
 import random
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -568,3 +570,16 @@ def _finish(cfg: TrainConfig, out: Path, val: dict | None, is_main: bool) -> dic
             Path(cfg.results_file).write_text(json.dumps({k: result.get(k) for k in keys}, indent=2) + "\n")
             log.info("%-10s %s", "results:", cfg.results_file)
     return result
+
+
+class _CallableModule(types.ModuleType):
+    """``xcit.train(config, **keys)`` runs :func:`xcit.train_api.train`; ``xcit.train.fit`` and the rest stay this
+    module's (a package attribute cannot be both a submodule and a function)."""
+
+    def __call__(self, config=None, **keys) -> dict:
+        from .train_api import train
+
+        return train(config, **keys)
+
+
+sys.modules[__name__].__class__ = _CallableModule
