@@ -59,6 +59,7 @@ from .preemption import Preempted, StopSignal, elastic_restart_count
 from .readers import report_bad_reads
 from .runlock import hold_run_lock
 from .schedule import LRSchedule
+from .threads import CpuThreads
 from .variants import create_model
 from .weights import load_weights
 
@@ -108,6 +109,7 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
     setup_logging(out / "train.log" if world.is_main else None, world.rank)
     for line in notices(cfg, set(explicit)):
         log.info("notice: %s", line)
+    cpu_threads = CpuThreads.start(world.device)  # the CPUs not kept busy by other processes (xcit.threads)
     _seed_everything(cfg.seed)  # the same initial weights on every rank (the EMA copy is made before DDP syncs)
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -173,6 +175,8 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
             _prune(out, cfg.ckpt_save_policy, cfg.keep_checkpoint_max, metrics.rows if metrics else [])
 
     def after_step(st: TrainState) -> None:
+        if cpu_threads is not None:
+            cpu_threads.adjust()
         name = f"ckpt_e{st.epoch:04d}_s{st.step:08d}.pth"
         saved = cfg.ckpt_interval_steps and st.step % cfg.ckpt_interval_steps == 0 and st.batches_done < len(loader)
         if saved:
