@@ -1,7 +1,10 @@
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(2)
+os.environ.setdefault("XCIT_THREADS", "2")  # runs in and under the tests keep one thread count (equal sums)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,15 @@ from .weights import WeightsError, convert, load_weights, read_weights, save_saf
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "train":  # xcit.train(config, **keys): the submodule, callable (xcit.train_api.train), loaded lazily
+        import importlib
+
+        return importlib.import_module(".train", __name__)
+    raise AttributeError(f"module 'xcit' has no attribute {name!r}")
+
+
 __all__ = [
     "VARIANTS",
     "WeightsError",
@@ -25,4 +34,5 @@ __all__ = [
     "load_weights",
     "read_weights",
     "save_safetensors",
+    "train",
 ]

@@ -67,3 +67,21 @@ def check(result: dict) -> list[str]:
             out += _ratio_warnings(mode, round_ratios(res))
         out += _peak_warnings(mode, res, result.get("matmul_peak_gflops", {}), result.get("precision", "fp32"))
     return out
+
+
+STARVED = 0.5  # CPUs' worth of time other processes used while the rounds ran
+
+
+def starvation_warnings(busy_elsewhere: float | None, available: int, threads: int) -> list[str]:
+    """A warning when other processes kept CPUs busy while the CPU rounds ran with more threads than were left:
+    torch's threads wait at every operator for the one that shares a core, so throughput collapses and rounds
+    spread (see :mod:`xcit.threads`)."""
+    if busy_elsewhere is None or busy_elsewhere < STARVED:
+        return []
+    free = max(1, round(available - busy_elsewhere))
+    if threads <= free:
+        return []
+    return [
+        f"the rounds were starved: other processes kept {busy_elsewhere:.1f} of {available} CPU(s) busy while "
+        f"{threads} threads ran; the figures are low and spread. Rerun on a quiet machine, or with --threads {free}"
+    ]

@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import random
+import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ from .preemption import Preempted, StopSignal, elastic_restart_count
 from .readers import report_bad_reads
 from .runlock import hold_run_lock
 from .schedule import LRSchedule
+from .threads import CpuThreads
 from .variants import create_model
 from .weights import load_weights
 
@@ -96,6 +99,7 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
     setup_logging(out / "train.log" if world.is_main else None, world.rank)
     for line in notices(cfg, set(explicit)):
         log.info("notice: %s", line)
+    cpu_threads = CpuThreads.start(world.device)  # the CPUs not kept busy by other processes (xcit.threads)
     _seed_everything(cfg.seed)  # the same initial weights on every rank (the EMA copy is made before DDP syncs)
     data = _build_data(cfg, world, out)
     run, opts, lr = _build_run(cfg, world, data)
@@ -106,7 +110,7 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
                    data.steps_per_epoch, lr, opts.amp_dtype)  # fmt: skip
         save_config(cfg, out / "config.yaml", header=f"resolved config of this run ({cfg.model})")
     saver = _Saver(cfg, out, run, data.classes, world.is_main)
-    after_step = _after_step(cfg, out, saver, len(run.loader), world, on_step, stop)
+    after_step = _after_step(cfg, out, saver, len(run.loader), world, on_step, stop, cpu_threads)
     if rng is not None:  # last, so that nothing above shifts the restored random streams
         restore_rng_state(rng[world.rank] if len(rng) == world.size else rng[0])
 
@@ -259,10 +263,13 @@ class _Saver:
             self.metrics.close()
 
 
-def _after_step(cfg: TrainConfig, out: Path, saver: _Saver, batches: int, world, on_step, stop) -> Callable:
-    """What runs after each optimiser step: step checkpoints, the caller's ``on_step``, and stopping on a signal."""
+def _after_step(cfg: TrainConfig, out: Path, saver: _Saver, batches: int, world, on_step, stop, threads) -> Callable:
+    """What runs after each optimiser step: the CPU thread count, step checkpoints, the caller's ``on_step``, and
+    stopping on a signal."""
 
     def after_step(st: TrainState) -> None:
+        if threads is not None:
+            threads.adjust()
         name = f"ckpt_e{st.epoch:04d}_s{st.step:08d}.pth"
         saved = cfg.ckpt_interval_steps and st.step % cfg.ckpt_interval_steps == 0 and st.batches_done < batches
         if saved:
@@ -440,3 +447,16 @@ def _finish(cfg: TrainConfig, out: Path, val: dict | None, is_main: bool) -> dic
             Path(cfg.results_file).write_text(json.dumps({k: result.get(k) for k in keys}, indent=2) + "\n")
             log.info("%-10s %s", "results:", cfg.results_file)
     return result
+
+
+class _CallableModule(types.ModuleType):
+    """``xcit.train(config, **keys)`` runs :func:`xcit.train_api.train`; ``xcit.train.fit`` and the rest stay this
+    module's (a package attribute cannot be both a submodule and a function)."""
+
+    def __call__(self, config=None, **keys) -> dict:
+        from .train_api import train
+
+        return train(config, **keys)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -26,8 +26,9 @@ import torch
 from .. import bench_data as D
 from .. import bench_sweep as S
 from .. import benchmark as B
-from ..bench_checks import check, round_ratios, rounds_needed
+from ..bench_checks import check, round_ratios, rounds_needed, starvation_warnings
 from ..options import Parser
+from ..threads import CpuThreads
 
 log = logging.getLogger("xcit")
 
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {res['plot']}")
     else:
         modes = B.MODES if args.mode == "both" else (args.mode,)
+        cpu = CpuThreads() if not str(args.device).startswith("cuda") else None  # what else ran meanwhile
         res = B.run(
             args.model, args.batch, args.img_size, args.precision, args.compile, modes, args.compare, args.device,
             args.warmup, args.rounds, args.iters, args.memory, args.pretrained, args.settle,
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             if "ratio" in res[mode]:
                 res[mode]["ratio"]["rounds_needed"] = rounds_needed(round_ratios(res[mode]))
         results.update(res, warnings=check(res))
+        if cpu is not None:
+            results["warnings"] += starvation_warnings(cpu.busy_elsewhere(), cpu.available, torch.get_num_threads())
         report(res)
         for line in results["warnings"]:
             print(f"warning: {line}")
