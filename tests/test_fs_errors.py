@@ -171,3 +171,19 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
     assert log.rows == rows
     assert "metrics.jsonl: line 3 is a torn last line" in caplog.text
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path):
+    import errno
+
+    from xcit.config import load_config, save_config
+    from xcit.fileio import atomic_write
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what write() says on a full disk: no file named
+
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'config.yaml'}: No space left on device"):
+        atomic_write(tmp_path / "config.yaml", full)
+    cfg, _ = load_config(["--data_dir", str(tmp_path)])
+    save_config(cfg, tmp_path / "ok.yaml")  # a writable disk: as before
+    assert list(tmp_path.iterdir()) == [tmp_path / "ok.yaml"]

@@ -27,6 +27,10 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Path], object]) ->
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a full disk says only "No space left on device": name the file
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        raise
     finally:
         try:
             tmp.unlink(missing_ok=True)

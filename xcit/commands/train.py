@@ -27,7 +27,6 @@ def _has_config(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     from ..demo import DEMO_RECIPE, ensure_digits
-    from ..train import TrainingDiverged, fit
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -46,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"xcit train: error: {e}", file=sys.stderr)
         return 2
+    from ..train import TrainingDiverged, fit  # after the config: a bad value is reported without loading it all
+
     start = time.perf_counter()
     try:
         with StopSignal() as stop:  # SIGTERM/SIGINT: checkpoint after the current step, then stop
