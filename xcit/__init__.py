@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    if name == "train":  # xcit.train(config, **keys): the submodule, callable (xcit.train_api.train), loaded lazily
+    if name == "train":  # xcit.train(config, **keys): the submodule, callable (xcit.train.run_config), loaded lazily
         import importlib
 
         return importlib.import_module(".train", __name__)

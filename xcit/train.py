@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -449,14 +451,46 @@ def _finish(cfg: TrainConfig, out: Path, val: dict | None, is_main: bool) -> dic
     return result
 
 
+def run_config(config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, **keys: Any) -> dict:
+    """Train and validate as ``xcit train`` does; returns the final metrics and output paths (``top1``, ``top5``,
+    ``checkpoint``, ...).
+
+    ``config`` is a YAML recipe's path (as ``-c``), a dict of config keys, a :class:`xcit.config.TrainConfig`, or
+    None; ``keys`` override it as ``--key value`` flags do (``epoch_size=5``). Without a ``data_dir`` (and with no
+    config, or the demo's ``dataset: digits``) it trains the built-in digits demo. A bad key or value raises
+    :class:`xcit.errors.ConfigError` before any work; a non-finite loss raises ``TrainingDiverged``.
+
+    >>> result = xcit.train("configs/demo.yaml", epoch_size=2, ckpt_save_dir="ckpt/py")  # doctest: +SKIP
+    """
+    from .config import _DEFAULTS, config_from_dict, read_yaml
+    from .demo import DEMO_RECIPE, ensure_digits
+
+    if isinstance(config, TrainConfig):
+        values = {k: v for k, v in config.to_dict().items() if v != _DEFAULTS[k]}
+    elif isinstance(config, (str, os.PathLike)):
+        values = read_yaml(config)
+    else:
+        values = dict(config or {})
+    values.update(keys)
+    if not values.get("data_dir") and (config is None or values.get("dataset") == "digits"):
+        if "epoch_size" in values and "decay_epochs" not in values:  # the demo's schedule follows its length
+            warmup = values.get("warmup_epochs", DEMO_RECIPE["warmup_epochs"])
+            values["decay_epochs"] = max(1, int(values["epoch_size"]) - int(warmup))
+        values = {**DEMO_RECIPE, **values}
+    cfg = config_from_dict(values)
+    if cfg.dataset == "digits" and not cfg.data_dir:
+        cfg.data_dir = str(ensure_digits())
+    if not cfg.data_dir:
+        raise ConfigError("data_dir is not set: give data_dir (or no config, for the built-in demo)")
+    return fit(cfg, set(values))
+
+
 class _CallableModule(types.ModuleType):
-    """``xcit.train(config, **keys)`` runs :func:`xcit.train_api.train`; ``xcit.train.fit`` and the rest stay this
-    module's (a package attribute cannot be both a submodule and a function)."""
+    """``xcit.train(config, **keys)`` runs :func:`run_config`; ``xcit.train.fit`` and the rest stay this module's
+    (a package attribute cannot be both a submodule and a function)."""
 
-    def __call__(self, config=None, **keys) -> dict:
-        from .train_api import train
-
-        return train(config, **keys)
+    def __call__(self, config: TrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, **keys: Any) -> dict:
+        return run_config(config, **keys)
 
 
 sys.modules[__name__].__class__ = _CallableModule
