@@ -101,7 +101,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
-        log.info("step %d: loss %.4f (%s)", step + 1, loss, ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+        terms = ", ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
+        log.info("step %d: loss %.4f (%s)", step + 1, losses[-1], terms)
     return losses
 
 
