@@ -352,7 +352,7 @@ def check(cfg: TrainConfig) -> None:
     from .schedule import check_schedule
 
     check_config_limits(cfg, get_config(cfg.model))
-    check_schedule(cfg)
+    check_schedule(cfg.scheduler, cfg.warmup_epochs, cfg.lr_epoch_stair)
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
@@ -461,7 +461,8 @@ def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         out.append(f"re_max_attempts: {cfg.re_max_attempts} -> timm's random erasing makes 10 attempts")
     from .schedule import schedule_notices
 
-    return out + schedule_notices(cfg) + optim_notices(cfg, explicit)
+    notices_ = schedule_notices(cfg.warmup_epochs, cfg.lr_epoch_stair, cfg.warmup_factor, cfg.warmup_lr)
+    return out + notices_ + optim_notices(cfg, explicit)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -24,30 +24,26 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
 
-
-def check_schedule(cfg: TrainConfig) -> None:
+def check_schedule(scheduler: str, warmup_epochs: int, stair: bool) -> None:
     """MindCV's refusals (``create_scheduler`` raises them when the run starts; here the config fails)."""
-    if cfg.scheduler in ("one_cycle", "cyclic") and (cfg.lr_epoch_stair or cfg.warmup_epochs > 0):
+    if scheduler in ("one_cycle", "cyclic") and (stair or warmup_epochs > 0):
         raise ConfigError(
-            f"scheduler {cfg.scheduler} does not support lr_epoch_stair or warmup_epochs > 0 (as in MindCV); "
-            f"set warmup_epochs: 0 and lr_epoch_stair: False (warmup_epochs is {cfg.warmup_epochs})"
+            f"scheduler {scheduler} does not support lr_epoch_stair or warmup_epochs > 0 (as in MindCV); "
+            f"set warmup_epochs: 0 and lr_epoch_stair: False (warmup_epochs is {warmup_epochs})"
         )
 
 
-def schedule_notices(cfg: TrainConfig) -> list[str]:
+def schedule_notices(warmup_epochs: int, stair: bool, warmup_factor: float, warmup_lr: float | None) -> list[str]:
     """MindCV's scheduler warning about a zero first epoch (not its ``warmup_epochs + decay_epochs > num_epochs``
     one, which MindCV's own defaults trigger)."""
     out = []
-    if cfg.warmup_epochs > 0 and cfg.lr_epoch_stair and cfg.warmup_factor == 0 and cfg.warmup_lr is None:
+    if warmup_epochs > 0 and stair and warmup_factor == 0 and warmup_lr is None:
         out.append("warmup_factor 0 with lr_epoch_stair: the lr of the first epoch is 0 (MindCV recommends 0.01)")
     return out
 
