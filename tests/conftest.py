@@ -1,4 +1,6 @@
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,3 +36,16 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def tiny_kwargs():
     """A depth-2, dim-32 XCiT for fast tests."""
     return dict(embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+needs_mindcv = pytest.mark.skipif(
+    not os.environ.get("XCIT_MINDCV_PYTHON"), reason="set XCIT_MINDCV_PYTHON to a MindCV python"
+)
+
+
+def run_mindcv_fixture_script(what: str, out_dir, timeout: int = 300) -> None:
+    """Run scripts/make_mindcv_train_fixture.py ``--what what`` with the MindCV python, writing into ``out_dir``."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_mindcv_train_fixture.py"
+    cmd = [os.environ["XCIT_MINDCV_PYTHON"], str(script), "--what", what, "--out-dir", str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -41,22 +41,18 @@ def _error(capsys, argv: list[str]) -> str:
     return err[0]
 
 
+def _export(weights, out) -> list[str]:
+    """``xcit export`` of ``weights`` as TorchScript to ``out``."""
+    return ["export", "--model", "xcit_nano_12_p16_224", "--pretrained", str(weights), "--format", "torchscript",
+            "--out", str(out)]  # fmt: skip
+
+
 def test_each_command_names_an_output_folder_it_cannot_write(tmp_path, capsys, weights, blocker):
     out = blocker / "sub"
     cases = {
         "train": ["train", "--data_dir", str(tmp_path), "--ckpt_save_dir", str(out)],
         "validate": ["validate", "--data_dir", str(tmp_path / "nothing"), "--results_file", str(out / "r.json")],
-        "export": [
-            "export",
-            "--model",
-            "xcit_nano_12_p16_224",
-            "--pretrained",
-            str(weights),
-            "--format",
-            "torchscript",
-            "--out",
-            str(out / "m.pt"),
-        ],
+        "export": _export(weights, out / "m.pt"),
         "convert": ["convert", str(weights), str(out / "w.safetensors")],
         "predict": [
             "predict",
@@ -77,22 +73,7 @@ def test_each_command_names_an_output_folder_it_cannot_write(tmp_path, capsys, w
 
 def test_export_creates_a_missing_folder(tmp_path, weights):
     out = tmp_path / "new" / "folder" / "m.pt"
-    assert (
-        main(
-            [
-                "export",
-                "--model",
-                "xcit_nano_12_p16_224",
-                "--pretrained",
-                str(weights),
-                "--format",
-                "torchscript",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(_export(weights, out)) == 0
     assert out.is_file()
 
 
@@ -105,25 +86,15 @@ def images(tmp_path):
     return folder
 
 
+def _predict(images, weights, topk: int, out) -> list[str]:
+    """``xcit predict`` of the ``images`` folder, top-``topk``, results written to ``out``."""
+    return ["predict", str(images), "--model", "xcit_nano_12_p16_224", "--pretrained", str(weights), "--topk",
+            str(topk), "--results-file", str(out)]  # fmt: skip
+
+
 def test_predict_results_file_csv_one_column_per_rank(tmp_path, weights, images, capsys):
     out = tmp_path / "res" / "r.csv"
-    assert (
-        main(
-            [
-                "predict",
-                str(images),
-                "--model",
-                "xcit_nano_12_p16_224",
-                "--pretrained",
-                str(weights),
-                "--topk",
-                "2",
-                "--results-file",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(_predict(images, weights, 2, out)) == 0
     printed = capsys.readouterr().out.splitlines()
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["filename", "index_0", "label_0", "prob_0", "index_1", "label_1", "prob_1"]
@@ -136,19 +107,7 @@ def test_predict_results_file_csv_one_column_per_rank(tmp_path, weights, images,
 @pytest.mark.parametrize("fmt", ["json", "json-split", "json-records"])
 def test_predict_results_file_json_layouts(tmp_path, weights, images, fmt):
     out = tmp_path / f"r.{'jsonl' if fmt == 'json-records' else 'json'}"
-    argv = [
-        "predict",
-        str(images),
-        "--model",
-        "xcit_nano_12_p16_224",
-        "--pretrained",
-        str(weights),
-        "--topk",
-        "1",
-        "--results_file",
-        str(out),
-    ]
-    assert main([*argv, "--results-format", fmt]) == 0
+    assert main([*_predict(images, weights, 1, out), "--results-format", fmt]) == 0
     if fmt == "json":
         doc = json.loads(out.read_text())
         assert set(doc) == {str(images / "0.png"), str(images / "1.png")}

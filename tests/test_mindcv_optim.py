@@ -12,8 +12,6 @@ documented formula instead: ``nn.Lamb`` (its kernel exists on Ascend and GPU onl
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -23,7 +21,8 @@ from torch import nn
 from xcit.config import ConfigError, config_from_dict
 from xcit.optim import create_optimizer, param_groups
 
-from .test_mindcv import FIXTURES, ROOT
+from .conftest import needs_mindcv, run_mindcv_fixture_script
+from .test_mindcv import FIXTURES
 
 FX = np.load(FIXTURES / "optimizers.npz")
 META = json.loads(str(FX["meta"]))
@@ -126,12 +125,9 @@ def test_an_unused_eps_is_noticed():
     assert not any(line.startswith("eps") for line in notices(config_from_dict({"opt": "rmsprop"}), {"eps"}))
 
 
-@pytest.mark.skipif(not os.environ.get("XCIT_MINDCV_PYTHON"), reason="set XCIT_MINDCV_PYTHON to a MindCV python")
+@needs_mindcv
 def test_fixture_is_what_mindcv_steps_now(tmp_path):
-    script = ROOT / "scripts" / "make_mindcv_train_fixture.py"
-    cmd = [os.environ["XCIT_MINDCV_PYTHON"], str(script), "--what", "optim", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_mindcv_fixture_script("optim", tmp_path)
     live = np.load(tmp_path / "optimizers.npz")
     assert sorted(live.files) == sorted(FX.files)
     for name in FX.files:

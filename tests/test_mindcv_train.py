@@ -25,8 +25,6 @@ shows that their gradient is noise.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +37,8 @@ from xcit.losses import Criterion
 from xcit.mindspore_ckpt import mindcv_to_timm
 from xcit.train import Run, StepOptions, build_model, build_optimizer, train_one_epoch
 
-from .test_mindcv import FIXTURES, ROOT
+from .conftest import needs_mindcv, run_mindcv_fixture_script
+from .test_mindcv import FIXTURES
 
 LOSS_ATOL = 5e-6
 WEIGHT_ATOL, WEIGHT_RTOL = 2e-6, 1e-5
@@ -188,12 +187,9 @@ def test_class_attention_key_bias_gradient_is_rounding_noise():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("XCIT_MINDCV_PYTHON"), reason="set XCIT_MINDCV_PYTHON to a MindCV python")
+@needs_mindcv
 def test_fixture_is_what_mindcv_trains_now(tmp_path):
-    script = ROOT / "scripts" / "make_mindcv_train_fixture.py"
-    cmd = [os.environ["XCIT_MINDCV_PYTHON"], str(script), "--what", "train", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_mindcv_fixture_script("train", tmp_path, timeout=600)
     live, committed = _fixture(tmp_path / "train_parity.npz"), _fixture()
     np.testing.assert_array_equal(live["images"], committed["images"])
     np.testing.assert_allclose(live["loss"], committed["loss"], atol=LOSS_ATOL)

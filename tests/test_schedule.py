@@ -8,9 +8,7 @@ and MindCV to regenerate them live and compare again.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 
 import pytest
 import torch
@@ -20,7 +18,8 @@ from xcit.demo import write_digits
 from xcit.schedule import LRSchedule
 from xcit.train import fit
 
-from .test_mindcv import FIXTURES, ROOT
+from .conftest import needs_mindcv, run_mindcv_fixture_script
+from .test_mindcv import FIXTURES
 
 CASES = json.loads((FIXTURES / "schedules.json").read_text())["cases"]
 
@@ -94,12 +93,9 @@ def test_logged_lr_of_every_training_step_is_mindcvs(tmp_path):
     assert logged == pytest.approx(case["lrs"], rel=1e-9)
 
 
-@pytest.mark.skipif(not os.environ.get("XCIT_MINDCV_PYTHON"), reason="set XCIT_MINDCV_PYTHON to a MindCV python")
+@needs_mindcv
 def test_fixture_is_what_mindcv_returns_now(tmp_path):
-    script = ROOT / "scripts" / "make_mindcv_train_fixture.py"
-    cmd = [os.environ["XCIT_MINDCV_PYTHON"], str(script), "--what", "schedules", "--out-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_mindcv_fixture_script("schedules", tmp_path)
     live = json.loads((tmp_path / "schedules.json").read_text())["cases"]
     assert live == CASES
     for case in (c for c in live if "lrs" in c):
