@@ -49,3 +49,23 @@ def run_mindcv_fixture_script(what: str, out_dir, timeout: int = 300) -> None:
     cmd = [os.environ["XCIT_MINDCV_PYTHON"], str(script), "--what", what, "--out-dir", str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def ops_run(fn) -> list[str]:
+    """Names of the ops ``fn()`` dispatches, in order; oneDNN's fused GEMM/conv kernels with their epilogue
+    (``mkldnn._linear_pointwise[gelu]``, ``mkldnn._convolution_pointwise[none]``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    epilogue_at = {"mkldnn._linear_pointwise": 3, "mkldnn._convolution_pointwise": 7}
+    seen: list[str] = []
+
+    class Names(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            at = epilogue_at.get(name)
+            seen.append(name if at is None or func.name().endswith(".binary") else f"{name}[{args[at]}]")
+            return func(*args, **(kwargs or {}))
+
+    with Names():
+        fn()
+    return seen

@@ -122,6 +122,13 @@ def test_gemm_time_times_fused_kernels_without_their_gelu():
         y = call()
     assert y.shape == (4, 16) and y.dtype == torch.bfloat16
     assert "aten.addmm" in seen and not any("gelu" in s for s in seen)
+    # eager mode's call of the same oneDNN kernel is timed with no epilogue
+    args = tuple(B._spec(a) for a in (x, w.bfloat16(), b.bfloat16(), "gelu", [], "none"))
+    call = B._gemm_of(torch.ops.mkldnn._linear_pointwise.default, args)
+    seen.clear()
+    with torch.no_grad(), Names():
+        y = call()
+    assert y.shape == (4, 16) and seen == ["mkldnn._linear_pointwise"]
 
 
 def test_sweep_and_plot(tmp_path):

@@ -68,26 +68,21 @@ def test_environment_overrides_family_and_switches():
 
 def _ops(model, x, dtype):
     """Names of the ops one inference call runs, and its output."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from .conftest import ops_run
 
-    seen = []
-
-    class Names(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
-    with torch.inference_mode(), torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None), Names():
-        out = model(x).float()
-    return seen, out
+    out = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
+        seen = ops_run(lambda: out.append(model(x).float()))
+    return seen, out[0]
 
 
 @needs_onednn
 @pytest.mark.parametrize(
     "switch, dtype, op",
     [
-        ("fused_gelu_fp32", None, "xcit.linear_gelu"),
-        ("fused_gelu_bf16", torch.bfloat16, "xcit.linear_gelu"),
+        ("fused_gelu_fp32", None, "mkldnn._linear_pointwise[gelu]"),
+        ("fused_gelu_bf16", torch.bfloat16, "mkldnn._linear_pointwise[gelu]"),
+        ("bias_epilogue_bf16", torch.bfloat16, "mkldnn._linear_pointwise[none]"),
         ("batched_heads_bf16", torch.bfloat16, "aten.permute"),  # the (image, head)-batched q^T k
     ],
 )

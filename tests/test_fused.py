@@ -63,25 +63,23 @@ def test_conv_gelu_matches_unfused(dtype, cin, cout, stride, groups):
         _close(got, want, dtype)
 
 
-def _ops_called(fn) -> set[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.key for e in prof.key_averages()}
-
-
 @needs_onednn
 def test_inference_uses_fused_kernels_training_does_not(tiny_kwargs):
+    from .conftest import ops_run
+
     m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
     x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        inference = _ops_called(lambda: m(x))
+        inference = set(ops_run(lambda: m(x)))
     with torch.autocast("cpu", torch.bfloat16), torch.inference_mode():
-        bf16 = _ops_called(lambda: m(x))
-    for ops in (inference, bf16):
-        assert {"xcit::linear_gelu", "xcit::conv_gelu"} <= ops
+        bf16 = set(ops_run(lambda: m(x)))
+    fused_gelu = {"mkldnn._linear_pointwise[gelu]", "mkldnn._convolution_pointwise[gelu]"}
+    assert fused_gelu <= inference and "mkldnn._linear_pointwise[none]" not in inference  # bias epilogue: bf16
+    assert fused_gelu | {"mkldnn._linear_pointwise[none]"} <= bf16
+    assert "aten.addmm" not in bf16  # every bf16 GEMM with a bias adds it in oneDNN's epilogue
     # with a graph to record the unfused ops run: the fused ones have no backward
-    training = _ops_called(lambda: m(x).sum().backward())
-    assert not {"xcit::linear_gelu", "xcit::conv_gelu"} & training
+    training = ops_run(lambda: m(x).sum().backward())
+    assert not any(op.startswith("mkldnn.") for op in training)
     assert m.blocks[0].mlp.fc1.weight.grad is not None and m.patch_embed.proj[0][0].weight.grad is not None
 
 
@@ -112,7 +110,8 @@ def test_exported_and_traced_graphs_keep_standard_ops(tiny_kwargs):
         ep = torch.export.export(m, (x,))
         traced = torch.jit.trace(m, (x,))
         want = m(x)
-    assert "xcit" not in str(ep.graph) and "xcit::" not in str(traced.inlined_graph)
+    for graph in (str(ep.graph), str(traced.inlined_graph)):
+        assert "xcit::" not in graph and "xcit.linear_gelu" not in graph and "mkldnn" not in graph
     assert "aten.gelu" in str(ep.graph)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), want, rtol=1e-5, atol=1e-5)

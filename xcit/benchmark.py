@@ -133,6 +133,10 @@ def _gemm_of(func, args: tuple) -> Callable[[], object]:
         x, w, b, stride, groups, _, dtype = a
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
         return lambda: F.conv2d(x, w, b, stride=stride, padding=1, groups=groups)
+    if func is torch.ops.mkldnn._linear_pointwise.default:  # eager's fused kernels, without the epilogue
+        return lambda: func(*a[:3], "none", [], "")
+    if func is torch.ops.mkldnn._convolution_pointwise.default:
+        return lambda: func(*a[:7], "none", [], "")
     return lambda: func(*a)
 
 

@@ -43,6 +43,7 @@ class FastPaths:
     fused_gelu_bf16: bool = True  # the same in bf16 (explicit or autocast)
     batched_heads_bf16: bool = True  # bf16 q^T k as one GEMM over (image, head), channel mixing per head
     cache_bf16_weights: bool = True  # the fused kernels keep bf16 copies of fp32 weights across calls
+    bias_epilogue_bf16: bool = True  # bf16 GEMMs add their bias in oneDNN's epilogue, not in a pass before
 
 
 CHOICES: dict[str, FastPaths] = {

@@ -44,12 +44,25 @@ def _accumulates(shortcut: torch.Tensor, *operands: torch.Tensor) -> bool:
     return all(t.dtype == shortcut.dtype for t in operands)
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; in eager CPU bf16 inference with the bias added by the GEMM (one pass fewer)."""
+    dtype = fused.compute_dtype(x, weight, epilogue="bias")
+    if dtype is not None and not torch.compiler.is_compiling():
+        return fused.linear(x, weight, bias, dtype)
+    return F.linear(x, weight, bias)
+
+
+def linear(fc: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``fc(x)`` for an ``nn.Linear``, as :func:`_linear`; any other module (an adapter put in its place) is called."""
+    return _linear(x, fc.weight, fc.bias) if type(fc) is nn.Linear else fc(x)
+
+
 def add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
     if torch.compiler.is_compiling():  # a bias-free GEMM; inductor fuses both adds into the next LayerNorm
         return shortcut + bias + x @ weight.t()
     if not _accumulates(shortcut, x, weight) or not shortcut.is_contiguous():  # e.g. tokens of an NCHW 1-channel stem
-        return shortcut + F.linear(x, weight, bias)
+        return shortcut + _linear(x, weight, bias)
     out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
     out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
     return out
@@ -96,13 +109,16 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Te
 
 def conv_bn_act(stage: nn.Sequential, act: nn.GELU | None, x: torch.Tensor) -> torch.Tensor:
     """``act(bn(conv(x)))`` of one patch-embedding stage (``act`` None: no activation). In eval BN is folded into
-    the conv (one pass instead of two) and, in CPU inference, the GELU runs inside it."""
+    the conv (one pass instead of two) and, in CPU inference, the GELU runs inside it. The output is channels_last
+    (oneDNN's fastest conv layout, and tokens are then a free view)."""
     conv, bn = stage[0], stage[1]
+    dtype = fused.compute_dtype(x, conv.weight) if act is not None and not bn.training else None
+    if dtype is None:  # the fused kernel relayouts (and casts) in its own single pass
+        x = x.contiguous(memory_format=torch.channels_last)
     if bn.training:
         x = stage(x)
     else:
         w, b = fold_bn(conv, bn)
-        dtype = fused.compute_dtype(x, conv.weight) if act is not None else None
         if dtype is not None:
             return fused.conv_gelu(x, w, b, conv.stride[0], 1, act.approximate, dtype)
         x = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
@@ -125,13 +141,27 @@ def _batch_heads(t: torch.Tensor) -> bool:
     return t.dtype != torch.float32 and t.is_cpu and cpu.paths().batched_heads_bf16
 
 
-def gram(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """Per-head ``q^T k``: (B, N, C) x (B, N, C) -> (B, h, d, d), on strided views of the qkv output."""
+def gram(q: torch.Tensor, k: torch.Tensor, heads: int, normalise: bool) -> torch.Tensor:
+    """Per-head ``q^T k`` in fp32: (B, N, C) x (B, N, C) -> (B, h, d, d), on strided views of the qkv output; with
+    ``normalise``, of q and k L2-normalised over tokens (eps 1e-12, as F.normalize), applied to the small result."""
     B, N, C = q.shape
     if not _batch_heads(q):  # one GEMM per head
         qs, ks = q.view(B, N, heads, -1).unbind(2), k.view(B, N, heads, -1).unbind(2)
-        return torch.stack([a.mT @ b for a, b in zip(qs, ks)], dim=1)
-    return q.reshape(B, N, heads, -1).permute(0, 2, 3, 1) @ k.reshape(B, N, heads, -1).transpose(1, 2)
+        g = torch.stack([a.mT @ b for a, b in zip(qs, ks)], dim=1).float()
+        if not normalise:
+            return g
+        qn, kn = (column_norms(t).view(B, heads, -1) for t in (q, k))
+    else:  # one GEMM over (image, head) on (B, h, d, N) copies, whose rows also give the norms in one pass each
+        qc, kc = (t.reshape(B, N, heads, -1).permute(0, 2, 3, 1).contiguous() for t in (q, k))
+        g = (qc @ kc.mT).float()
+        if not normalise:
+            return g
+        if torch.compiler.is_compiling():  # inductor would sum q's strided columns again: the GEMVs instead
+            qn, kn = (column_norms(t).view(B, heads, -1) for t in (q, k))
+        else:  # accumulated in fp32, rounded once to q's dtype (as the Gram entries are): a dtype=fp32 argument
+            # would first copy all of q and k to fp32
+            qn, kn = (torch.linalg.vector_norm(t, dim=-1).float().clamp_min(1e-12) for t in (qc, kc))
+    return g / (qn.unsqueeze(-1) * kn.unsqueeze(-2))
 
 
 def mixing(attn_t: torch.Tensor, w_h: torch.Tensor) -> torch.Tensor:

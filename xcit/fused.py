@@ -24,7 +24,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from . import cpu
 
-__all__ = ["AVAILABLE", "compute_dtype", "conv_gelu", "linear_gelu"]
+__all__ = ["AVAILABLE", "compute_dtype", "conv_gelu", "linear", "linear_gelu"]
 
 
 # bf16 copies of fp32 parameters, kept while the parameter lives and is unchanged: casting them at every call costs
@@ -49,20 +49,42 @@ def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
+def _linear_pointwise(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, attr: str, approximate: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """``attr(x @ weight.T + bias)`` (attr "gelu" or "none"), the bias and GELU in oneDNN's epilogue."""
+    weight, bias = _cast(weight, dtype), _cast(bias, dtype)
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, attr, [], approximate)
+    except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
+        y = F.linear(x, weight, bias)
+        return F.gelu(y, approximate=approximate) if attr == "gelu" else y
+
+
 @torch.library.custom_op("xcit::linear_gelu", mutates_args=())
 def _linear_gelu_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str, dtype: torch.dtype
 ) -> torch.Tensor:
-    weight, bias = _cast(weight, dtype), _cast(bias, dtype)
-    try:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "gelu", [], approximate)
-    except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
-        return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+    return _linear_pointwise(x, weight, bias, "gelu", approximate, dtype)
 
 
 @_linear_gelu_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str, dtype: torch.dtype):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int,
+                    approximate: str, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    weight, bias = _cast(weight, dtype), _cast(bias, dtype)
+    # oneDNN keeps the input's layout for the output; cast and relayout in one pass
+    x = x.to(dtype=dtype, memory_format=torch.channels_last)
+    try:
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, [1, 1], [stride, stride], [1, 1], groups, "gelu", [], approximate
+        )
+    except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
+        y = F.gelu(F.conv2d(x, weight, bias, stride=stride, padding=1, groups=groups), approximate=approximate)
+    return y.contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("xcit::conv_gelu", mutates_args=())
@@ -75,32 +97,27 @@ def _conv_gelu_op(
     approximate: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    weight, bias = _cast(weight, dtype), _cast(bias, dtype)
-    x = x.contiguous(memory_format=torch.channels_last)  # oneDNN keeps the input's layout for the output
-    try:
-        y = torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, [1, 1], [stride, stride], [1, 1], groups, "gelu", [], approximate
-        )
-    except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
-        y = F.gelu(F.conv2d(x, weight, bias, stride=stride, padding=1, groups=groups), approximate=approximate)
-    return y.contiguous(memory_format=torch.channels_last)
+    return _conv_pointwise(x, weight, bias, stride, groups, approximate, dtype)
 
 
 @_conv_gelu_op.register_fake
 def _(x, weight, bias, stride: int, groups: int, approximate: str, dtype: torch.dtype):
     B, _, H, W = x.shape
     size = (B, weight.shape[0], (H - 1) // stride + 1, (W - 1) // stride + 1)  # 3x3, padding 1
-    return x.new_empty(size).contiguous(memory_format=torch.channels_last)
+    return x.new_empty(size, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
-@register_flop_formula(torch.ops.xcit.linear_gelu)
-def _linear_gelu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # the GEMM's, as FlopCounterMode counts addmm
 
 
-@register_flop_formula(torch.ops.xcit.conv_gelu)
-def _conv_gelu_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return conv_flop_count(x_shape, w_shape, out_shape)
+
+
+# the custom ops (what torch.compile sees) and the oneDNN kernels behind them (what eager mode calls)
+register_flop_formula([torch.ops.xcit.linear_gelu, torch.ops.mkldnn._linear_pointwise])(_linear_flops)
+register_flop_formula([torch.ops.xcit.conv_gelu, torch.ops.mkldnn._convolution_pointwise])(_conv_flops)
 
 
 def _probe() -> bool:
@@ -125,8 +142,9 @@ def _probe() -> bool:
 AVAILABLE = _probe()  # once, at import: a constant for torch.compile
 
 
-def compute_dtype(x: torch.Tensor, *params: torch.Tensor) -> torch.dtype | None:
-    """The dtype a fused kernel would run ``x`` in (autocast's if it is on), or None where it must not be used."""
+def compute_dtype(x: torch.Tensor, *params: torch.Tensor, epilogue: str = "gelu") -> torch.dtype | None:
+    """The dtype a fused kernel would run ``x`` in (autocast's if it is on), or None where it must not be used.
+    ``epilogue``: "gelu" for GEMM/conv + GELU, "bias" for a bf16 GEMM with its bias added in the epilogue."""
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_exporting():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
@@ -135,6 +153,8 @@ def compute_dtype(x: torch.Tensor, *params: torch.Tensor) -> torch.dtype | None:
     if dtype not in (torch.float32, torch.bfloat16) or not AVAILABLE:
         return None
     chosen = cpu.paths()  # by CPU family (xcit.cpu): where the fused kernels are faster than GEMM + GELU
+    if epilogue == "bias":
+        return dtype if dtype == torch.bfloat16 and chosen.bias_epilogue_bf16 else None
     return dtype if (chosen.fused_gelu_fp32 if dtype == torch.float32 else chosen.fused_gelu_bf16) else None
 
 
@@ -142,10 +162,20 @@ def linear_gelu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str, dtype: torch.dtype
 ) -> torch.Tensor:
     """``gelu(x @ weight.T + bias)`` in ``dtype`` (from :func:`compute_dtype`), one oneDNN kernel."""
-    return _linear_gelu_op(x.to(dtype), weight, bias, approximate, dtype)
+    if torch.compiler.is_compiling():  # an opaque op for inductor; eager calls the kernel without the op's dispatch
+        return _linear_gelu_op(x.to(dtype), weight, bias, approximate, dtype)
+    return _linear_pointwise(x.to(dtype), weight, bias, "gelu", approximate, dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x @ weight.T + bias`` in ``dtype`` with the bias added in the GEMM's epilogue (eager only: ATen's addmm
+    first copies the bias into every output row, one more pass over the output)."""
+    return _linear_pointwise(x.to(dtype), weight, bias, "none", "", dtype)
 
 
 def conv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int, approximate: str,
               dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     """``gelu(conv2d(x, weight, bias, stride, padding=1, groups))`` for 3x3 kernels, channels_last, one kernel."""
-    return _conv_gelu_op(x.to(dtype), weight, bias, stride, groups, approximate, dtype)
+    if torch.compiler.is_compiling():
+        return _conv_gelu_op(x.to(dtype), weight, bias, stride, groups, approximate, dtype)  # cast fused upstream
+    return _conv_pointwise(x, weight, bias, stride, groups, approximate, dtype)

@@ -82,7 +82,6 @@ class ConvPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) image -> (B, D, H/p, W/p) grid, in channels_last memory (so tokens are a free view)."""
-        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fastest conv layout, no reorders inside
         layers = list(self.proj)
         stages, acts = layers[0::2], layers[1::2]  # conv-BN stages with a GELU between each pair
         for i, stage in enumerate(stages):
@@ -167,20 +166,16 @@ class XCA(nn.Module):
         """Returns the (B, h, d, d) channel attention (fp32) and v as (B, N, h, d)."""
         B, N, C = x.shape
         h = self.num_heads
-        qkv = self.qkv(x)  # (B, N, 3C)
+        qkv = fastpath.linear(self.qkv, x)  # (B, N, 3C)
         q, k, v = qkv.unflatten(-1, (3, C)).unbind(-2)  # each (B, N, C), views
-        if not self.qk_norm:
-            attn = fastpath.gram(q, k, h).float()
-        else:
-            # official: F.normalize(q, dim=-1) over tokens with eps 1e-12
+        if self.qk_norm and q.dtype == torch.float16:  # fp16 Gram entries can overflow before normalisation:
+            # normalise first (1 / 1e-12 is inf in fp16, so scale in fp32; unit vectors then fit fp16)
             qn, kn = (fastpath.column_norms(t) for t in (q, k))  # (B, C)
-            if q.dtype == torch.float16:  # fp16 Gram entries can overflow before normalisation: normalise first
-                # (1 / 1e-12 is inf in fp16, so scale in fp32; unit vectors then fit fp16)
-                q, k = (q.float() / qn.unsqueeze(1)).to(q.dtype), (k.float() / kn.unsqueeze(1)).to(k.dtype)
-                attn = fastpath.gram(q, k, h).float()
-            else:
-                qn, kn = qn.view(B, h, C // h), kn.view(B, h, C // h)
-                attn = fastpath.gram(q, k, h).float() / (qn.unsqueeze(-1) * kn.unsqueeze(-2))
+            q, k = (q.float() / qn.unsqueeze(1)).to(q.dtype), (k.float() / kn.unsqueeze(1)).to(k.dtype)
+            attn = fastpath.gram(q, k, h, normalise=False)
+        else:  # official: F.normalize(q, dim=-1) over tokens with eps 1e-12 (MindCV's port does not normalise)
+            # q^T k / (|q| |k|), the norms applied to the small (d_h x d_h) Gram matrix, in fp32
+            attn = fastpath.gram(q, k, h, normalise=self.qk_norm)
         attn = (attn * self.temperature.float()).softmax(dim=-1)
         return attn, v.view(B, N, h, C // h)
 
