@@ -82,7 +82,8 @@ def _ops(model, x, dtype):
     [
         ("fused_gelu_fp32", None, "mkldnn._linear_pointwise[gelu]"),
         ("fused_gelu_bf16", torch.bfloat16, "mkldnn._linear_pointwise[gelu]"),
-        ("bias_epilogue_bf16", torch.bfloat16, "mkldnn._linear_pointwise[none]"),
+        ("onednn_linear_bf16", torch.bfloat16, "mkldnn._linear_pointwise[none]"),
+        ("onednn_linear_fp32", None, "mkldnn._linear_pointwise[none]"),
         ("batched_heads_bf16", torch.bfloat16, "aten.permute"),  # the (image, head)-batched q^T k
     ],
 )

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import xcit
+from xcit import cpu
 from xcit import fused
 
 from .conftest import perturb_
@@ -69,14 +70,21 @@ def test_inference_uses_fused_kernels_training_does_not(tiny_kwargs):
 
     m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
     x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        inference = set(ops_run(lambda: m(x)))
-    with torch.autocast("cpu", torch.bfloat16), torch.inference_mode():
-        bf16 = set(ops_run(lambda: m(x)))
     fused_gelu = {"mkldnn._linear_pointwise[gelu]", "mkldnn._convolution_pointwise[gelu]"}
-    assert fused_gelu <= inference and "mkldnn._linear_pointwise[none]" not in inference  # bias epilogue: bf16
-    assert fused_gelu | {"mkldnn._linear_pointwise[none]"} <= bf16
-    assert "aten.addmm" not in bf16  # every bf16 GEMM with a bias adds it in oneDNN's epilogue
+    for linears in (False, True):  # the GEMMs with a bias in oneDNN too, or in ATen
+        try:
+            cpu.set_paths(onednn_linear_bf16=linears, onednn_linear_fp32=linears)
+            with torch.no_grad():
+                inference = set(ops_run(lambda: m(x)))
+            with torch.autocast("cpu", torch.bfloat16), torch.inference_mode():
+                bf16 = set(ops_run(lambda: m(x)))
+        finally:
+            cpu.set_paths()
+        for ops in (inference, bf16):
+            assert fused_gelu <= ops
+            assert ("mkldnn._linear_pointwise[none]" in ops) == linears
+        # fp32: fc2's residual add in the epilogue too (the binary form); bf16: the fp32 residual is added after
+        assert ("mkldnn._linear_pointwise" in inference) == linears and "mkldnn._linear_pointwise" not in bf16
     # with a graph to record the unfused ops run: the fused ones have no backward
     training = ops_run(lambda: m(x).sum().backward())
     assert not any(op.startswith("mkldnn.") for op in training)

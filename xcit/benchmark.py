@@ -135,6 +135,8 @@ def _gemm_of(func, args: tuple) -> Callable[[], object]:
         return lambda: F.conv2d(x, w, b, stride=stride, padding=1, groups=groups)
     if func is torch.ops.mkldnn._linear_pointwise.default:  # eager's fused kernels, without the epilogue
         return lambda: func(*a[:3], "none", [], "")
+    if func is torch.ops.mkldnn._linear_pointwise.binary:  # (x, other, weight, bias, attr)
+        return lambda: torch.ops.mkldnn._linear_pointwise(a[0], a[2], a[3], "none", [], "")
     if func is torch.ops.mkldnn._convolution_pointwise.default:
         return lambda: func(*a[:7], "none", [], "")
     return lambda: func(*a)

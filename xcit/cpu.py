@@ -43,7 +43,8 @@ class FastPaths:
     fused_gelu_bf16: bool = True  # the same in bf16 (explicit or autocast)
     batched_heads_bf16: bool = True  # bf16 q^T k as one GEMM over (image, head), channel mixing per head
     cache_bf16_weights: bool = True  # the fused kernels keep bf16 copies of fp32 weights across calls
-    bias_epilogue_bf16: bool = True  # bf16 GEMMs add their bias in oneDNN's epilogue, not in a pass before
+    onednn_linear_bf16: bool = False  # qkv and fc2 in oneDNN, bias added in the epilogue (ATen's addmm: a pass more)
+    onednn_linear_fp32: bool = False  # the same in fp32, fc2's residual add also in the epilogue (ATen: MKL's sgemm)
 
 
 CHOICES: dict[str, FastPaths] = {
@@ -52,7 +53,7 @@ CHOICES: dict[str, FastPaths] = {
     "amx": FastPaths(),
     # AMD EPYC Zen 4 (AVX-512 BF16, no AMX), 2 threads, eager: fused GELU bf16 +7%, batched heads +5%, fused GELU
     # fp32 and cached weights within the noise; compiled bf16 no faster with either bf16 switch off (README)
-    "avx512_bf16": FastPaths(),
+    "avx512_bf16": FastPaths(onednn_linear_bf16=True, onednn_linear_fp32=True),
     # no native bf16: bf16 runs through conversions, fp32 is the path that matters; not measured here yet, so
     # the AVX-512 choices are kept
     "avx2": FastPaths(),

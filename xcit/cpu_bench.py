@@ -24,7 +24,8 @@ SWITCH_DTYPE = {  # the precision in which each switch matters
     "fused_gelu_bf16": torch.bfloat16,
     "batched_heads_bf16": torch.bfloat16,
     "cache_bf16_weights": torch.bfloat16,
-    "bias_epilogue_bf16": torch.bfloat16,
+    "onednn_linear_bf16": torch.bfloat16,
+    "onednn_linear_fp32": None,
 }
 
 

@@ -45,11 +45,10 @@ def _accumulates(shortcut: torch.Tensor, *operands: torch.Tensor) -> bool:
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; in eager CPU bf16 inference with the bias added by the GEMM (one pass fewer)."""
-    dtype = fused.compute_dtype(x, weight, epilogue="bias")
-    if dtype is not None and not torch.compiler.is_compiling():
-        return fused.linear(x, weight, bias, dtype)
-    return F.linear(x, weight, bias)
+    """``F.linear(x, weight, bias)``; in CPU inference where the family wants it, in oneDNN with the bias added by
+    the GEMM (one pass fewer than ATen's addmm)."""
+    dtype = fused.compute_dtype(x, weight, epilogue="linear")
+    return F.linear(x, weight, bias) if dtype is None else fused.linear(x, weight, bias, dtype)
 
 
 def linear(fc: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +58,13 @@ def linear(fc: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
-    if torch.compiler.is_compiling():  # a bias-free GEMM; inductor fuses both adds into the next LayerNorm
-        return shortcut + bias + x @ weight.t()
+    onednn = fused.compute_dtype(x, weight, epilogue="linear")
+    if torch.compiler.is_compiling():  # inductor fuses the adds into the next LayerNorm
+        return shortcut + (bias + x @ weight.t() if onednn is None else fused.linear(x, weight, bias, onednn))
     if not _accumulates(shortcut, x, weight) or not shortcut.is_contiguous():  # e.g. tokens of an NCHW 1-channel stem
-        return shortcut + _linear(x, weight, bias)
+        return shortcut + (F.linear(x, weight, bias) if onednn is None else fused.linear(x, weight, bias, onednn))
+    if onednn is not None:  # one dtype, no autocast: the residual in oneDNN's epilogue too
+        return fused.linear_add(x, shortcut, weight, bias)
     out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
     out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
     return out

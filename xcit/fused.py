@@ -24,7 +24,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from . import cpu
 
-__all__ = ["AVAILABLE", "compute_dtype", "conv_gelu", "linear", "linear_gelu"]
+__all__ = ["AVAILABLE", "compute_dtype", "conv_gelu", "linear", "linear_add", "linear_gelu"]
 
 
 # bf16 copies of fp32 parameters, kept while the parameter lives and is unchanged: casting them at every call costs
@@ -73,11 +73,21 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: st
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("xcit::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _linear_pointwise(x, weight, bias, "none", "", dtype)
+
+
+@_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def _conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int,
                     approximate: str, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
     weight, bias = _cast(weight, dtype), _cast(bias, dtype)
-    # oneDNN keeps the input's layout for the output; cast and relayout in one pass
-    x = x.to(dtype=dtype, memory_format=torch.channels_last)
+    # oneDNN keeps the input's layout for the output (cast, then relayout: a copy doing both at once is 2x slower)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
     try:
         y = torch.ops.mkldnn._convolution_pointwise(
             x, weight, bias, [1, 1], [stride, stride], [1, 1], groups, "gelu", [], approximate
@@ -108,6 +118,8 @@ def _(x, weight, bias, stride: int, groups: int, approximate: str, dtype: torch.
 
 
 def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    if args and isinstance(args[0], (list, tuple)) and len(args[0]) == 2:  # (x, other, weight, ...): the binary form
+        w_shape = args[0]
     return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # the GEMM's, as FlopCounterMode counts addmm
 
 
@@ -116,7 +128,9 @@ def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
 
 
 # the custom ops (what torch.compile sees) and the oneDNN kernels behind them (what eager mode calls)
-register_flop_formula([torch.ops.xcit.linear_gelu, torch.ops.mkldnn._linear_pointwise])(_linear_flops)
+register_flop_formula([torch.ops.xcit.linear_gelu, torch.ops.xcit.linear, torch.ops.mkldnn._linear_pointwise])(
+    _linear_flops
+)
 register_flop_formula([torch.ops.xcit.conv_gelu, torch.ops.mkldnn._convolution_pointwise])(_conv_flops)
 
 
@@ -144,7 +158,7 @@ AVAILABLE = _probe()  # once, at import: a constant for torch.compile
 
 def compute_dtype(x: torch.Tensor, *params: torch.Tensor, epilogue: str = "gelu") -> torch.dtype | None:
     """The dtype a fused kernel would run ``x`` in (autocast's if it is on), or None where it must not be used.
-    ``epilogue``: "gelu" for GEMM/conv + GELU, "bias" for a bf16 GEMM with its bias added in the epilogue."""
+    ``epilogue``: "gelu" for GEMM/conv + GELU, "linear" for a GEMM with its bias (and residual) in the epilogue."""
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_exporting():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
@@ -152,9 +166,9 @@ def compute_dtype(x: torch.Tensor, *params: torch.Tensor, epilogue: str = "gelu"
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     if dtype not in (torch.float32, torch.bfloat16) or not AVAILABLE:
         return None
-    chosen = cpu.paths()  # by CPU family (xcit.cpu): where the fused kernels are faster than GEMM + GELU
-    if epilogue == "bias":
-        return dtype if dtype == torch.bfloat16 and chosen.bias_epilogue_bf16 else None
+    chosen = cpu.paths()  # by CPU family (xcit.cpu): where the fused kernels are faster than the plain ops
+    if epilogue == "linear":
+        return dtype if (chosen.onednn_linear_fp32 if dtype == torch.float32 else chosen.onednn_linear_bf16) else None
     return dtype if (chosen.fused_gelu_fp32 if dtype == torch.float32 else chosen.fused_gelu_bf16) else None
 
 
@@ -168,9 +182,20 @@ def linear_gelu(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x @ weight.T + bias`` in ``dtype`` with the bias added in the GEMM's epilogue (eager only: ATen's addmm
-    first copies the bias into every output row, one more pass over the output)."""
+    """``x @ weight.T + bias`` in ``dtype`` (from ``compute_dtype(..., epilogue="linear")``), the bias added in the
+    GEMM's epilogue (ATen's addmm first copies the bias into every output row: one more pass over the output)."""
+    if torch.compiler.is_compiling():
+        return _linear_op(x.to(dtype), weight, bias, dtype)
     return _linear_pointwise(x.to(dtype), weight, bias, "none", "", dtype)
+
+
+def linear_add(x: torch.Tensor, shortcut: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``shortcut + x @ weight.T + bias`` in one oneDNN kernel (eager; every tensor of one dtype)."""
+    weight, bias = _cast(weight, x.dtype), _cast(bias, x.dtype)
+    try:
+        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), shortcut, weight, bias, "add")
+    except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
+        return shortcut + F.linear(x, weight, bias)
 
 
 def conv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int, approximate: str,
