@@ -153,6 +153,21 @@ def test_data_pipeline_bench(tmp_path):
     assert _finite_positive(res["ours"]["decode_ms"]) and _finite_positive(res["ratio"])
 
 
+def test_data_command_says_whether_training_waits_for_data(tmp_path, capsys):
+    """``--data`` times one training step of the model too, and sets the two against each other."""
+    pytest.importorskip("timm")
+    folder = D.write_jpegs(tmp_path / "jpegs", n=3, size=(80, 60))
+    out = tmp_path / "data.json"
+    argv = ["benchmark", "--data", str(folder), "--model", NANO, "--img-size", "32", "--batch", "2", "--threads", "1"]
+    assert main([*argv, "--rounds", "2", "--iters", "1", "--results_file", str(out)]) == 0
+    share = json.loads(out.read_text())["data_share"]
+    assert share["model"] == NANO and share["batch"] == 2 and share["threads"] == 1
+    assert _finite_positive(share["step_ms"]) and _finite_positive(share["loader_ms_per_batch_one_core"])
+    assert share["loader_fraction_of_step"] == pytest.approx(share["loader_ms_per_batch_one_core"] / share["step_ms"])
+    assert share["bound"] in ("compute", "data") and 0 < share["data_share_shared_cores"] < 1
+    assert "one core prepares the batch in" in capsys.readouterr().out
+
+
 def test_agreement_on_an_image_folder(tmp_path, capsys):
     from PIL import Image
 

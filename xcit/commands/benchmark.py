@@ -158,6 +158,27 @@ def report_sweep(res: dict) -> None:
         print(f"  16x tokens -> ours {s['time_ratio']:.1f}x time per image, deit {deit:.1f}x")
 
 
+def loader_share(args: argparse.Namespace, img_per_s_per_core: float) -> dict:
+    """One training step of ``args.model`` timed here, against the time one core takes to prepare its batch:
+    whether training on this machine waits for data (:func:`xcit.bench_data.data_share`)."""
+    import os
+
+    step = B.run(args.model, args.batch, args.img_size, args.precision, args.compile, ("train",), None, args.device,
+                 args.warmup, max(2, args.rounds // 2), args.iters, False, args.pretrained, args.settle)  # fmt: skip
+    threads = 0 if str(args.device).startswith("cuda") else torch.get_num_threads()
+    share = D.data_share(img_per_s_per_core, step["train"]["ours"]["ms_per_batch"], args.batch, threads,
+                         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)  # fmt: skip
+    share.update(model=args.model, precision=args.precision, compile=args.compile, batch=args.batch, threads=threads)
+    print(
+        f"training step ({args.model}, batch {args.batch}, {args.precision}, {threads} threads):"
+        f" {share['step_ms']:.0f} ms; one core prepares the batch in {share['loader_ms_per_batch_one_core']:.0f} ms"
+        f" ({share['loader_fraction_of_step']:.2f} of the step); with {share['spare_cores']} core(s) to spare for"
+        f" loader workers: {share['bound']}-bound"
+        + ("" if share["spare_cores"] else f", {100 * share['data_share_shared_cores']:.0f}% of the time on data")
+    )
+    return share
+
+
 def agreement(folder: str, name: str, pretrained: str | None, device: str, batch: int, img_size: int | None) -> dict:
     """Top-1 agreement of bf16 and fp16 autocast with fp32 over an ImageFolder split (eval transform)."""
     from torch.utils.data import DataLoader
@@ -217,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  ours/timm {res['ratio']:.3f}"
         )
         results["data_formats"] = formats(folder, args.rounds, args.settle)
+        results["data_share"] = loader_share(args, res["ours"]["img_per_s"])
     elif args.cpu_paths:
         results["cpu_paths"] = cpu_paths(args.model, args.batch, args.rounds, args.iters)
     elif args.agreement:
