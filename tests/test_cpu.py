@@ -106,17 +106,24 @@ def test_each_switch_changes_the_path_not_the_values(switch, dtype, op, tiny_kwa
 
 
 @needs_onednn
-def test_weight_cache_switch(tiny_kwargs):
+def test_weight_cache_switches(tiny_kwargs):
+    """cache_bf16_weights keeps bf16 copies of parameters, prepack_weights GEMM weights in oneDNN's layout."""
+    import gc
+
     m = xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs).eval()
     x = torch.randn(1, 3, 32, 32)
-    before = len(fused._CASTS)
+    gc.collect()
+    before = set(fused._CASTS)
+
+    def new_entries(**switches):
+        cpu.set_paths(onednn_linear_bf16=True, **switches)
+        _ops(m, x, torch.bfloat16)
+        return {k[-1] for k in set(fused._CASTS) - before}  # packed or not
+
     try:
-        cpu.set_paths(cache_bf16_weights=False)
-        _ops(m, x, torch.bfloat16)
-        assert len(fused._CASTS) == before
-        cpu.set_paths(cache_bf16_weights=True)
-        _ops(m, x, torch.bfloat16)
-        assert len(fused._CASTS) > before
+        assert new_entries(cache_bf16_weights=False, prepack_weights=False) == set()
+        assert new_entries(cache_bf16_weights=True, prepack_weights=False) == {False}
+        assert True in new_entries(cache_bf16_weights=False, prepack_weights=True)
     finally:
         cpu.set_paths()
     assert cpu.paths() == cpu.default_paths()

@@ -133,6 +133,7 @@ def test_bf16_weight_casts_are_cached_and_invalidated(tiny_kwargs):
 
     m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
     x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(5))
+    gc.collect()  # other tests' models, freed now rather than during this test
     before = len(fused._CASTS)
 
     def bf16_logits(model):

@@ -103,6 +103,8 @@ def count_flops(model: nn.Module, img_size: int, device: torch.device, in_chans:
 
 def _spec(a):
     """A hashable stand-in for one argument: tensors by shape, strides, dtype and device; lists as tuples."""
+    if isinstance(a, torch.Tensor) and a.layout == torch._mkldnn:  # a GEMM weight prepacked for oneDNN
+        return ("packed", tuple(a.shape), a.dtype)
     if isinstance(a, torch.Tensor):
         return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype, a.device)
     if isinstance(a, (list, tuple)):
@@ -117,6 +119,8 @@ def _build(s):
         shape, stride, dtype, device = s[1:]
         t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
         return t.normal_() if t.is_floating_point() else t.zero_()
+    if kind == "packed":
+        return torch.ops.mkldnn._reorder_linear_weight(torch.randn(s[1]).to(s[2]))
     if kind == "seq":
         return (list if s[1] == "list" else tuple)(_build(v) for v in s[2])
     return s[1]

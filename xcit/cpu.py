@@ -45,6 +45,7 @@ class FastPaths:
     cache_bf16_weights: bool = True  # the fused kernels keep bf16 copies of fp32 weights across calls
     onednn_linear_bf16: bool = False  # qkv and fc2 in oneDNN, bias added in the epilogue (ATen's addmm: a pass more)
     onednn_linear_fp32: bool = False  # the same in fp32, fc2's residual add also in the epilogue (ATen: MKL's sgemm)
+    prepack_weights: bool = False  # oneDNN GEMMs take their weights prepacked (cached per parameter), not reordered
 
 
 CHOICES: dict[str, FastPaths] = {
@@ -53,7 +54,7 @@ CHOICES: dict[str, FastPaths] = {
     "amx": FastPaths(),
     # AMD EPYC Zen 4 (AVX-512 BF16, no AMX), 2 threads, eager: fused GELU bf16 +7%, batched heads +5%, fused GELU
     # fp32 and cached weights within the noise; compiled bf16 no faster with either bf16 switch off (README)
-    "avx512_bf16": FastPaths(onednn_linear_bf16=True, onednn_linear_fp32=True),
+    "avx512_bf16": FastPaths(onednn_linear_bf16=True, onednn_linear_fp32=True, prepack_weights=True),
     # no native bf16: bf16 runs through conversions, fp32 is the path that matters; not measured here yet, so
     # the AVX-512 choices are kept
     "avx2": FastPaths(),

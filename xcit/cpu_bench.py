@@ -26,6 +26,7 @@ SWITCH_DTYPE = {  # the precision in which each switch matters
     "cache_bf16_weights": torch.bfloat16,
     "onednn_linear_bf16": torch.bfloat16,
     "onednn_linear_fp32": None,
+    "prepack_weights": torch.bfloat16,
 }
 
 

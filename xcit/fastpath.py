@@ -56,15 +56,22 @@ def linear(fc: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _linear(x, fc.weight, fc.bias) if type(fc) is nn.Linear else fc(x)
 
 
-def add_linear(shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``shortcut + x @ weight.T + bias`` with the residual add folded into the GEMM (one pass instead of three)."""
+def add_linear(
+    shortcut: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``shortcut + scale * (x @ weight.T + bias)`` (``scale`` a LayerScale, None for 1) with the scale folded into
+    the weights and the residual add into the GEMM (one pass instead of three)."""
     onednn = fused.compute_dtype(x, weight, epilogue="linear")
-    if torch.compiler.is_compiling():  # inductor fuses the adds into the next LayerNorm
-        return shortcut + (bias + x @ weight.t() if onednn is None else fused.linear(x, weight, bias, onednn))
+    if onednn is not None:  # the scaled weights are cached per parameter
+        if torch.compiler.is_compiling() or not _accumulates(shortcut, x, weight) or not shortcut.is_contiguous():
+            return shortcut + fused.linear(x, weight, bias, onednn, scale)  # compiled: inductor fuses the add
+        return fused.linear_add(x, shortcut, weight, bias, scale)  # one dtype, no autocast: the add in oneDNN too
+    if scale is not None:
+        weight, bias = weight * scale.unsqueeze(-1), bias * scale
+    if torch.compiler.is_compiling():  # a bias-free GEMM; inductor fuses both adds into the next LayerNorm
+        return shortcut + bias + x @ weight.t()
     if not _accumulates(shortcut, x, weight) or not shortcut.is_contiguous():  # e.g. tokens of an NCHW 1-channel stem
-        return shortcut + (F.linear(x, weight, bias) if onednn is None else fused.linear(x, weight, bias, onednn))
-    if onednn is not None:  # one dtype, no autocast: the residual in oneDNN's epilogue too
-        return fused.linear_add(x, shortcut, weight, bias)
+        return shortcut + F.linear(x, weight, bias)
     out = shortcut + bias  # a fresh tensor, so accumulating into it in place is safe for autograd
     out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
     return out

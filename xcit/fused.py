@@ -27,37 +27,75 @@ from . import cpu
 __all__ = ["AVAILABLE", "compute_dtype", "conv_gelu", "linear", "linear_add", "linear_gelu"]
 
 
-# bf16 copies of fp32 parameters, kept while the parameter lives and is unchanged: casting them at every call costs
-# a fresh buffer each time, which oneDNN then reorders again (about 3% of compiled bf16 inference)
-_CASTS: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, torch.Tensor]] = {}
+# bf16 copies of fp32 parameters (and, where the family wants it, GEMM weights in oneDNN's blocked layout), kept
+# while the parameter lives and is unchanged: casting them at every call costs a fresh buffer each time, which
+# oneDNN then reorders again (about 3% of compiled bf16 inference)
+_CASTS: dict[tuple, tuple] = {}
+
+
+def _cached(w: torch.Tensor, dtype: torch.dtype, packed: bool, rows: int, scale: torch.Tensor | None = None):
+    """``(w * scale[:, None]).to(dtype)`` (no ``scale``: ``w.to(dtype)``), reordered for oneDNN's GEMM with ``rows``
+    input rows if ``packed``; cached per (parameters, dtype, packed) and invalidated by any in-place change of either
+    parameter (their version counters) or when one is freed."""
+    sources = (w,) if scale is None else (w, scale)
+    key = (*(id(t) for t in sources), dtype, packed)
+    hit = _CASTS.get(key)
+    if hit is not None and all(ref() is t and v == t._version for (ref, v), t in zip(hit[0], sources)):
+        return hit[1]
+    out = (w.detach() if scale is None else w.detach() * scale.detach().unsqueeze(-1)).to(dtype)
+    if packed:
+        out = torch.ops.mkldnn._reorder_linear_weight(out, rows)
+    drop = lambda _, k=key: _CASTS.pop(k, None)  # noqa: E731
+    _CASTS[key] = (tuple((weakref.ref(t, drop), t._version) for t in sources), out)
+    return out
+
+
+def _cacheable(w: torch.Tensor) -> bool:
+    """Parameters only, as autocast's cache: a computed weight (BN or a LayerScale folded in) is new at every call,
+    and an inference tensor has no version counter."""
+    return not w.is_inference() and w.is_leaf and w.requires_grad
 
 
 def _cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``w.to(dtype)``, cached per (tensor, dtype) and invalidated by any in-place change (the version counter)."""
+    """``w.to(dtype)``, cached for parameters where the family wants it (``cache_bf16_weights``)."""
     if w.dtype == dtype:
         return w
-    if not cpu.paths().cache_bf16_weights:  # chosen per CPU family (xcit.cpu)
+    if not (cpu.paths().cache_bf16_weights and _cacheable(w)):  # chosen per CPU family (xcit.cpu)
         return w.to(dtype)
-    if w.is_inference() or not (w.is_leaf and w.requires_grad):  # parameters only, as autocast's cache: a computed
-        return w.to(dtype)  # weight (BN folded in) is new at every call, and an inference tensor has no version
-    key = (id(w), dtype)
-    hit = _CASTS.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
-        return hit[2]
-    cast = w.detach().to(dtype)
-    _CASTS[key] = (weakref.ref(w, lambda _, k=key: _CASTS.pop(k, None)), w._version, cast)
-    return cast
+    return _cached(w, dtype, False, 0)
+
+
+def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, rows: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """A linear layer's weight for oneDNN, its output rows scaled by ``scale`` (a LayerScale folded in): prepacked in
+    oneDNN's blocked layout where the family wants it (``prepack_weights``: the GEMM then skips its own reorder of
+    the weight), else as :func:`_cast`."""
+    if cpu.paths().prepack_weights and _cacheable(w) and (scale is None or _cacheable(scale)):
+        return _cached(w, dtype, True, rows, scale)
+    return _cast(w, dtype) if scale is None else (w * scale.unsqueeze(-1)).to(dtype)
+
+
+def _scaled_bias(bias: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return _cast(bias, dtype) if scale is None else (bias * scale).to(dtype)
 
 
 def _linear_pointwise(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, attr: str, approximate: str, dtype: torch.dtype
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    attr: str,
+    approximate: str,
+    dtype: torch.dtype,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``attr(x @ weight.T + bias)`` (attr "gelu" or "none"), the bias and GELU in oneDNN's epilogue."""
-    weight, bias = _cast(weight, dtype), _cast(bias, dtype)
+    """``attr(x @ weight.T + bias)`` (attr "gelu" or "none"), the bias and GELU in oneDNN's epilogue; with
+    ``scale`` (attr "none"), ``scale * (x @ weight.T + bias)``."""
+    bias = _scaled_bias(bias, scale, dtype)
     try:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, attr, [], approximate)
+        w = _gemm_weight(weight, dtype, x.numel() // x.shape[-1], scale)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, attr, [], approximate)
     except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
-        y = F.linear(x, weight, bias)
+        w = _cast(weight, dtype) if scale is None else (weight * scale.unsqueeze(-1)).to(dtype)
+        y = F.linear(x, w, bias)
         return F.gelu(y, approximate=approximate) if attr == "gelu" else y
 
 
@@ -74,12 +112,14 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: st
 
 
 @torch.library.custom_op("xcit::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return _linear_pointwise(x, weight, bias, "none", "", dtype)
+def _linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None
+) -> torch.Tensor:
+    return _linear_pointwise(x, weight, bias, "none", "", dtype, scale)
 
 
 @_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype):
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -181,21 +221,28 @@ def linear_gelu(
     return _linear_pointwise(x.to(dtype), weight, bias, "gelu", approximate, dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``x @ weight.T + bias`` in ``dtype`` (from ``compute_dtype(..., epilogue="linear")``), the bias added in the
-    GEMM's epilogue (ATen's addmm first copies the bias into every output row: one more pass over the output)."""
+    GEMM's epilogue (ATen's addmm first copies the bias into every output row: one more pass over the output); with
+    ``scale``, times ``scale`` per output channel, folded into the (cached) weight."""
     if torch.compiler.is_compiling():
-        return _linear_op(x.to(dtype), weight, bias, dtype)
-    return _linear_pointwise(x.to(dtype), weight, bias, "none", "", dtype)
+        return _linear_op(x.to(dtype), weight, bias, dtype, scale)
+    return _linear_pointwise(x.to(dtype), weight, bias, "none", "", dtype, scale)
 
 
-def linear_add(x: torch.Tensor, shortcut: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``shortcut + x @ weight.T + bias`` in one oneDNN kernel (eager; every tensor of one dtype)."""
-    weight, bias = _cast(weight, x.dtype), _cast(bias, x.dtype)
+def linear_add(
+    x: torch.Tensor, shortcut: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """``shortcut + scale * (x @ weight.T + bias)`` in one oneDNN kernel (eager; every tensor of one dtype)."""
+    bias = _scaled_bias(bias, scale, x.dtype)
     try:
-        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), shortcut, weight, bias, "add")
+        w = _gemm_weight(weight, x.dtype, x.numel() // x.shape[-1], scale)
+        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), shortcut, w, bias, "add")
     except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
-        return shortcut + F.linear(x, weight, bias)
+        w = _cast(weight, x.dtype) if scale is None else weight * scale.unsqueeze(-1)
+        return shortcut + F.linear(x, w, bias)
 
 
 def conv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int, approximate: str,

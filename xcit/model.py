@@ -245,9 +245,11 @@ class Mlp(nn.Module):
         """``fc2(act(fc1(x)))``, or ``shortcut + gamma * fc2(...)`` with the residual accumulated by the GEMM."""
         x = self.drop(fastpath.linear_gelu(self.fc1, self.act, x))
         w, b = self.fc2.weight, self.fc2.bias
-        if gamma is not None:  # LayerScale folded into fc2's output rows (dropout's mask commutes with it)
+        if shortcut is not None:  # LayerScale folded into fc2's output rows, the residual add into its GEMM
+            return fastpath.add_linear(shortcut, x, w, b, gamma)
+        if gamma is not None:  # (dropout's mask commutes with the LayerScale)
             w, b = w * gamma.unsqueeze(-1), b * gamma
-        return self.drop(F.linear(x, w, b)) if shortcut is None else fastpath.add_linear(shortcut, x, w, b)
+        return self.drop(F.linear(x, w, b))
 
 
 class XCABlock(nn.Module):
