@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import xcit
-from xcit import cpu
-from xcit import fused
+from xcit import cpu, fused
 
 from .conftest import perturb_
 

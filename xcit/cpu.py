@@ -50,13 +50,15 @@ class FastPaths:
 
 CHOICES: dict[str, FastPaths] = {
     # Intel Xeon with AMX, 2 threads: fused GELU +9% compiled bf16, +1-2% eager; batched heads +6% compiled bf16,
-    # +3% eager; cached weights +3% compiled bf16; fused GELU in fp32 unchanged (README, Performance)
+    # +3% eager; cached weights +3% compiled bf16; fused GELU in fp32 unchanged; prepacked oneDNN weights no faster
+    # (README, Performance). The oneDNN linear switches were added later and are not measured there: off, as before
     "amx": FastPaths(),
-    # AMD EPYC Zen 4 (AVX-512 BF16, no AMX), 2 threads, eager: fused GELU bf16 +7%, batched heads +5%, fused GELU
-    # fp32 and cached weights within the noise; compiled bf16 no faster with either bf16 switch off (README)
+    # AMD EPYC Zen 4 (AVX-512 BF16, no AMX), 2 threads. Eager, one switch off at a time: fused GELU bf16 +6%, fp32
+    # +4%; oneDNN linears fp32 +3%, bf16 +1%; batched heads and cached weights within the noise. Compiled, alternating
+    # rounds: prepacked weights +10% bf16, +6% fp32; oneDNN linears fp32 +5%; fused GELU fp32 +5% (README)
     "avx512_bf16": FastPaths(onednn_linear_bf16=True, onednn_linear_fp32=True, prepack_weights=True),
-    # no native bf16: bf16 runs through conversions, fp32 is the path that matters; not measured here yet, so
-    # the AVX-512 choices are kept
+    # no native bf16: bf16 runs through conversions, fp32 is the path that matters; not measured yet, so the
+    # AMX choices are kept
     "avx2": FastPaths(),
     "other": FastPaths(),
 }

@@ -3,9 +3,12 @@
 Each helper takes the plain computation's inputs and picks, by where it runs, how to compute it:
 
 * eager inference on CPU: oneDNN's fused GEMM/conv + GELU (:mod:`xcit.fused`), GELUs in place, BatchNorm folded
-  into the preceding conv, residual adds accumulated by the GEMM that produces the branch;
+  into the preceding conv, residual adds accumulated by the GEMM that produces the branch; where the CPU family
+  wants it, the other GEMMs with a bias in oneDNN too (bias, LayerScale and in fp32 the residual add in the GEMM's
+  epilogue, weights prepacked once per parameter);
 * ``torch.compile``: bias-free GEMMs and plain adds, which inductor fuses into its own kernels, and reductions
-  written as GEMVs, which it runs in parallel;
+  written as GEMVs, which it runs in parallel; the oneDNN kernels above as custom ops, which inductor calls as
+  they are;
 * tracing, export, and anything with autograd: the standard ops (exported graphs hold nothing custom).
 
 Which CPU paths are taken also depends on the CPU family (:func:`xcit.cpu.paths`). Every branch is covered by the

@@ -10,7 +10,12 @@ Used only where it changes nothing but speed: on CPU, with no gradient to record
 (exported graphs keep standard ops), in fp32 or bf16 (explicit or autocast), and only if this build of torch
 has oneDNN's fused ops (checked once, with a call), and where :func:`xcit.cpu.paths` chooses them for this CPU
 family. In bf16 the kernels take bf16 copies of the fp32 weights, kept
-per parameter until it changes in place or is freed (like autocast's own weight cache, but across calls).
+per parameter until it changes in place or is freed (like autocast's own weight cache, but across calls); where the
+family wants it (``prepack_weights``), the GEMMs take their weights in oneDNN's blocked layout, prepacked once per
+parameter (a LayerScale folded in) and kept the same way, instead of reordering them at every call.
+
+:func:`linear` and :func:`linear_add` run the other GEMMs with a bias (XCA's qkv, the MLP's fc2) in oneDNN with the
+bias, and in fp32 the residual add, in the epilogue: ATen's addmm first copies the bias into every output row.
 """
 
 from __future__ import annotations

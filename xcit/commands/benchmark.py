@@ -166,8 +166,8 @@ def loader_share(args: argparse.Namespace, img_per_s_per_core: float) -> dict:
     step = B.run(args.model, args.batch, args.img_size, args.precision, args.compile, ("train",), None, args.device,
                  args.warmup, max(2, args.rounds // 2), args.iters, False, args.pretrained, args.settle)  # fmt: skip
     threads = 0 if str(args.device).startswith("cuda") else torch.get_num_threads()
-    share = D.data_share(img_per_s_per_core, step["train"]["ours"]["ms_per_batch"], args.batch, threads,
-                         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)  # fmt: skip
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = D.data_share(img_per_s_per_core, step["train"]["ours"]["ms_per_batch"], args.batch, threads, cores)
     share.update(model=args.model, precision=args.precision, compile=args.compile, batch=args.batch, threads=threads)
     print(
         f"training step ({args.model}, batch {args.batch}, {args.precision}, {threads} threads):"
