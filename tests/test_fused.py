@@ -126,8 +126,11 @@ def test_exported_and_traced_graphs_keep_standard_ops(tiny_kwargs):
 
 
 @needs_onednn
-def test_bf16_weight_casts_are_cached_and_invalidated(tiny_kwargs):
-    """The bf16 copies of the fused layers' weights follow in-place updates and leave with their model."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("prepack", [False, True])
+def test_cached_weights_follow_in_place_updates(dtype, prepack, tiny_kwargs):
+    """The weights the oneDNN kernels keep (bf16 copies; prepacked, LayerScale folded in) follow in-place updates of
+    every parameter they come from, and leave with their model."""
     import gc
 
     m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
@@ -135,22 +138,28 @@ def test_bf16_weight_casts_are_cached_and_invalidated(tiny_kwargs):
     gc.collect()  # other tests' models, freed now rather than during this test
     before = len(fused._CASTS)
 
-    def bf16_logits(model):
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    def logits(model):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
             return model(x).float()
 
-    first = bf16_logits(m)
-    assert len(fused._CASTS) > before  # the fc1 and LPI conv1 weights and biases of every block
-    torch.testing.assert_close(bf16_logits(m), first, rtol=0, atol=0)
-    with torch.no_grad():  # an in-place update, as an optimiser step or load_state_dict makes
-        for blk in m.blocks:
-            blk.mlp.fc1.weight.mul_(-1)
-            blk.local_mp.conv1.bias.add_(1)
-    updated = bf16_logits(m)
-    with torch.autocast("cpu", torch.bfloat16):  # grad enabled: the unfused path, which casts afresh
+    try:
+        cpu.set_paths(onednn_linear_bf16=True, onednn_linear_fp32=True, prepack_weights=prepack)
+        first = logits(m)
+        assert len(fused._CASTS) > before or (dtype == torch.float32 and not prepack)  # fp32 needs no copies
+        torch.testing.assert_close(logits(m), first, rtol=0, atol=0)
+        with torch.no_grad():  # in-place updates, as an optimiser step or load_state_dict makes
+            for blk in m.blocks:
+                blk.mlp.fc1.weight.mul_(-1)
+                blk.local_mp.conv1.bias.add_(1)
+                blk.gamma2.mul_(3)  # folded into fc2's cached weight
+                blk.attn.qkv.weight.mul_(0.5)
+        updated = logits(m)
+    finally:
+        cpu.set_paths()
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):  # grad enabled: the plain path
         want = m(x).float().detach()
     assert (updated - first).abs().max() > 0.1
-    assert (updated - want).abs().max() <= 0.02 * want.abs().max()
+    assert (updated - want).abs().max() <= (0.02 if dtype == torch.bfloat16 else 1e-4) * want.abs().max()
     del m, blk
     gc.collect()
     assert len(fused._CASTS) == before
