@@ -234,3 +234,24 @@ def test_token_norms_stay_fp32_under_compile_and_autocast():
     assert eager.dtype == graph.dtype == torch.float32
     torch.testing.assert_close(graph, want, rtol=1e-5, atol=0)
     torch.testing.assert_close(eager, want, rtol=2**-9, atol=0)
+
+
+def test_ddp_finds_every_gradient_in_its_bucket_layout(tmp_path, tiny_kwargs):
+    """LPI's depthwise weights are created with the strides their gradients come back with, so DDP neither warns
+    nor copies those gradients into its buckets at every step."""
+    import warnings
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        m = xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)
+        ddp = torch.nn.parallel.DistributedDataParallel(m)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ddp(torch.randn(2, 3, 32, 32)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in seen if "strides" in str(w.message)]
+    for p in m.parameters():
+        assert p.grad.stride() == p.stride()

@@ -74,7 +74,7 @@ def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, rows: int, scale: torch.Te
     """A linear layer's weight for oneDNN, its output rows scaled by ``scale`` (a LayerScale folded in): prepacked in
     oneDNN's blocked layout where the family wants it (``prepack_weights``: the GEMM then skips its own reorder of
     the weight), else as :func:`_cast`."""
-    if cpu.paths().prepack_weights and _cacheable(w) and (scale is None or _cacheable(scale)):
+    if _PREPACK and cpu.paths().prepack_weights and _cacheable(w) and (scale is None or _cacheable(scale)):
         return _cached(w, dtype, True, rows, scale)
     return _cast(w, dtype) if scale is None else (w * scale.unsqueeze(-1)).to(dtype)
 
@@ -199,6 +199,8 @@ def _probe() -> bool:
 
 
 AVAILABLE = _probe()  # once, at import: a constant for torch.compile
+_PREPACK = AVAILABLE and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # (older builds lack these two)
+_BINARY = AVAILABLE and "binary" in torch.ops.mkldnn._linear_pointwise.overloads()
 
 
 def compute_dtype(x: torch.Tensor, *params: torch.Tensor, epilogue: str = "gelu") -> torch.dtype | None:
@@ -241,6 +243,8 @@ def linear_add(
     x: torch.Tensor, shortcut: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None
 ) -> torch.Tensor:
     """``shortcut + scale * (x @ weight.T + bias)`` in one oneDNN kernel (eager; every tensor of one dtype)."""
+    if not _BINARY:
+        return shortcut + linear(x, weight, bias, x.dtype, scale)
     bias = _scaled_bias(bias, scale, x.dtype)
     try:
         w = _gemm_weight(weight, x.dtype, x.numel() // x.shape[-1], scale)

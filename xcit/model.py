@@ -205,6 +205,10 @@ class LPI(nn.Module):
         self.act = _gelu(flavour)
         self.bn = nn.BatchNorm2d(dim)
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        for conv in (self.conv1, self.conv2):  # the strides their gradients come back with (channels_last tokens):
+            # the same memory, and DDP then finds the gradient's strides equal to its bucket view's
+            w = conv.weight.data
+            conv.weight.data = w.as_strided(w.shape, (w.shape[2] * w.shape[3], 1, w.shape[3], 1))
 
     def forward(
         self,
