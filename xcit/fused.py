@@ -39,9 +39,10 @@ _CASTS: dict[tuple, tuple] = {}
 
 
 def _cached(w: torch.Tensor, dtype: torch.dtype, packed: bool, rows: int, scale: torch.Tensor | None = None):
-    """``(w * scale[:, None]).to(dtype)`` (no ``scale``: ``w.to(dtype)``), reordered for oneDNN's GEMM with ``rows``
-    input rows if ``packed``; cached per (parameters, dtype, packed) and invalidated by any in-place change of either
-    parameter (their version counters) or when one is freed."""
+    """``(w * scale[:, None]).to(dtype)`` (no ``scale``: ``w.to(dtype)``), reordered for oneDNN's GEMM if ``packed``
+    (laid out for the first call's ``rows`` input rows; any row count computes the same values with it); cached per
+    (parameters, dtype, packed) and invalidated by any in-place change of either parameter (their version counters)
+    or when one is freed."""
     sources = (w,) if scale is None else (w, scale)
     key = (*(id(t) for t in sources), dtype, packed)
     hit = _CASTS.get(key)
