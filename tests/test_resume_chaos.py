@@ -219,6 +219,28 @@ def test_a_dying_rank_ends_the_other_with_a_clear_error(data, tmp_path):
     assert "Traceback" not in text and "terminate called" not in text, text[-3000:]
 
 
+def _reference_run(args: list[str], out: Path, log: Path) -> int:
+    """The uninterrupted 2-rank run the killed one is compared with. Once in several slow-suite runs on a loaded
+    2-core machine this plain run stopped making progress in its last epoch; the ranks' stacks (SIGUSR1, which the
+    CLI answers with every thread's stack) then go to the log and into a warning, and the run starts over once."""
+    import shutil
+    import warnings
+
+    for attempt in (1, 2):
+        ref = chaos.start_elastic(args, log, 0)
+        try:
+            return ref.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            for pid in chaos.rank_pids(ref.pid).values():
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(3)
+            os.killpg(ref.pid, signal.SIGKILL)
+            ref.wait()
+            warnings.warn(f"reference run {attempt} made no progress for 240 s:\n{log.read_text()[-6000:]}")
+            shutil.rmtree(out, ignore_errors=True)
+    raise AssertionError(f"the uninterrupted run hung twice:\n{log.read_text()[-6000:]}")
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.slow
 def test_two_gloo_ranks_under_torchrun_max_restarts_survive_random_sigkills(data, tmp_path):
@@ -227,8 +249,7 @@ def test_two_gloo_ranks_under_torchrun_max_restarts_survive_random_sigkills(data
     is followed by a restart. Restarted ranks must connect to each other, not to the dead attempt's ports."""
     epochs = 6  # 3 steps per epoch with 2 ranks of batch 8: enough steps for 3 kills
     ref_out = tmp_path / "uninterrupted"
-    ref = chaos.start_elastic(chaos.train_args(data, ref_out, epochs, 1, 0, AUGMENT), tmp_path / "ref.log", 0)
-    assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    assert _reference_run(chaos.train_args(data, ref_out, epochs, 1, 0, AUGMENT), ref_out, tmp_path / "ref.log") == 0
     out, log = tmp_path / "run", tmp_path / "run.log"
     args = chaos.train_args(data, out, epochs, 1, 0, AUGMENT) + ["--dist_timeout", "60"]  # bounds a hung rendezvous
     events = chaos.run_elastic_with_kills(args, out, 3, 1, random.Random(0), log)

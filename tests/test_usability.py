@@ -1,7 +1,9 @@
 """What a new user runs into first: conversions, one-line errors, file-type messages (through the CLI)."""
 
 import os
+import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -388,3 +390,21 @@ def test_demo_epoch_size_scales_the_schedule(tmp_path, monkeypatch):
     argv = ["train", "--epoch_size", "1", "--warmup_epochs", "0", "--num_samples", "64", "--ckpt_save_dir", str(out)]
     assert main(argv) == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["decay_epochs"] == 1  # not the recipe's 28
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
+def test_sigusr1_prints_every_threads_stack(tmp_path):
+    """A hung rank can be asked where it waits: ``kill -USR1 PID`` makes any ``xcit`` command print its stacks."""
+    code = (
+        "import os, signal, time\n"
+        "from xcit.cli import main\n"
+        "main(['--version'])\n"
+        "def waiting_here():\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    time.sleep(0.2)\n"
+        "waiting_here()\n"
+        "print('still running')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "still running" in r.stdout, r.stderr
+    assert "waiting_here" in r.stderr and "Current thread" in r.stderr

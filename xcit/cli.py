@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import logging
+import signal
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +31,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack to stderr: where a hung rank waits
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
