@@ -29,10 +29,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's stack to the process's stderr: where a hung rank waits."""
+    stderr = sys.__stderr__
+    if not hasattr(signal, "SIGUSR1") or stderr is None:
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=stderr, all_threads=True)
+    except (OSError, ValueError, AttributeError):  # a stderr without a file descriptor (an embedding host)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack to stderr: where a hung rank waits
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _stacks_on_sigusr1()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
