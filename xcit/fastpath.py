@@ -47,16 +47,11 @@ def _accumulates(shortcut: torch.Tensor, *operands: torch.Tensor) -> bool:
     return all(t.dtype == shortcut.dtype for t in operands)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; in CPU inference where the family wants it, in oneDNN with the bias added by
-    the GEMM (one pass fewer than ATen's addmm)."""
-    dtype = fused.compute_dtype(x, weight, epilogue="linear")
-    return F.linear(x, weight, bias) if dtype is None else fused.linear(x, weight, bias, dtype)
-
-
 def linear(fc: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``fc(x)`` for an ``nn.Linear``, as :func:`_linear`; any other module (an adapter put in its place) is called."""
-    return _linear(x, fc.weight, fc.bias) if type(fc) is nn.Linear else fc(x)
+    """``fc(x)``; for an ``nn.Linear`` in CPU inference where the family wants it, in oneDNN with the bias added by
+    the GEMM (one pass fewer than ATen's addmm). Any other module (an adapter put in its place) is called."""
+    dtype = fused.compute_dtype(x, fc.weight, epilogue="linear") if type(fc) is nn.Linear else None
+    return fc(x) if dtype is None else fused.linear(x, fc.weight, fc.bias, dtype)
 
 
 def add_linear(

@@ -48,12 +48,17 @@ def _cached(w: torch.Tensor, dtype: torch.dtype, packed: bool, rows: int, scale:
     hit = _CASTS.get(key)
     if hit is not None and all(ref() is t and v == t._version for (ref, v), t in zip(hit[0], sources)):
         return hit[1]
-    out = (w.detach() if scale is None else w.detach() * scale.detach().unsqueeze(-1)).to(dtype)
+    out = _scaled(w.detach(), None if scale is None else scale.detach()).to(dtype)
     if packed:
         out = torch.ops.mkldnn._reorder_linear_weight(out, rows)
     drop = lambda _, k=key: _CASTS.pop(k, None)  # noqa: E731
     _CASTS[key] = (tuple((weakref.ref(t, drop), t._version) for t in sources), out)
     return out
+
+
+def _scaled(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``w`` with its output rows scaled by ``scale`` (a LayerScale folded in), or ``w`` itself without one."""
+    return w if scale is None else w * scale.unsqueeze(-1)
 
 
 def _cacheable(w: torch.Tensor) -> bool:
@@ -77,7 +82,12 @@ def _gemm_weight(w: torch.Tensor, dtype: torch.dtype, rows: int, scale: torch.Te
     the weight), else as :func:`_cast`."""
     if _PREPACK and cpu.paths().prepack_weights and _cacheable(w) and (scale is None or _cacheable(scale)):
         return _cached(w, dtype, True, rows, scale)
-    return _cast(w, dtype) if scale is None else (w * scale.unsqueeze(-1)).to(dtype)
+    return _plain_weight(w, dtype, scale)
+
+
+def _plain_weight(w: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
+    """The weight in ``dtype`` and ATen's layout (its bf16 copy cached as :func:`_cast` does when unscaled)."""
+    return _cast(w, dtype) if scale is None else _scaled(w, scale).to(dtype)
 
 
 def _scaled_bias(bias: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -100,8 +110,7 @@ def _linear_pointwise(
         w = _gemm_weight(weight, dtype, x.numel() // x.shape[-1], scale)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, attr, [], approximate)
     except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
-        w = _cast(weight, dtype) if scale is None else (weight * scale.unsqueeze(-1)).to(dtype)
-        y = F.linear(x, w, bias)
+        y = F.linear(x, _plain_weight(weight, dtype, scale), bias)
         return F.gelu(y, approximate=approximate) if attr == "gelu" else y
 
 
@@ -251,8 +260,7 @@ def linear_add(
         w = _gemm_weight(weight, x.dtype, x.numel() // x.shape[-1], scale)
         return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), shortcut, w, bias, "add")
     except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
-        w = _cast(weight, x.dtype) if scale is None else weight * scale.unsqueeze(-1)
-        return shortcut + F.linear(x, w, bias)
+        return shortcut + F.linear(x, _plain_weight(weight, x.dtype, scale), bias)
 
 
 def conv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int, approximate: str,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -161,8 +162,6 @@ def report_sweep(res: dict) -> None:
 def loader_share(args: argparse.Namespace, img_per_s_per_core: float) -> dict:
     """One training step of ``args.model`` timed here, against the time one core takes to prepare its batch:
     whether training on this machine waits for data (:func:`xcit.bench_data.data_share`)."""
-    import os
-
     step = B.run(args.model, args.batch, args.img_size, args.precision, args.compile, ("train",), None, args.device,
                  args.warmup, max(2, args.rounds // 2), args.iters, False, args.pretrained, args.settle)  # fmt: skip
     threads = 0 if str(args.device).startswith("cuda") else torch.get_num_threads()
