@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import xcit
-from xcit import cpu, fused
+from xcit import cpu, cpu_bench, fused
 
 needs_onednn = pytest.mark.skipif(not fused.AVAILABLE, reason="this torch build has no oneDNN fused ops")
 
@@ -21,6 +21,7 @@ needs_onednn = pytest.mark.skipif(not fused.AVAILABLE, reason="this torch build 
         ("AVX512", {"avx512f", "avx512_bf16"}, "avx512_bf16"),  # AMD EPYC Zen 4 / 5, Cooper Lake
         ("AVX512", {"avx512f"}, "avx2"),  # Skylake-SP: AVX-512 without bf16
         ("AVX2", {"avx2", "fma"}, "avx2"),
+        ("AVX2", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "avx2"),  # ATEN_CPU_CAPABILITY=avx2 on AMX
         ("SVE256", {"sve", "bf16"}, "other"),  # ARM (Graviton 3)
         ("DEFAULT", set(), "other"),
     ],
@@ -82,6 +83,8 @@ def _ops(model, x, dtype):
     [
         ("fused_gelu_fp32", None, "mkldnn._linear_pointwise[gelu]"),
         ("fused_gelu_bf16", torch.bfloat16, "mkldnn._linear_pointwise[gelu]"),
+        ("fused_conv_gelu", None, "mkldnn._convolution_pointwise[gelu]"),
+        ("fused_conv_gelu", torch.bfloat16, "mkldnn._convolution_pointwise[gelu]"),
         ("onednn_linear_bf16", torch.bfloat16, "mkldnn._linear_pointwise[none]"),
         ("onednn_linear_fp32", None, "mkldnn._linear_pointwise[none]"),
         ("batched_heads_bf16", torch.bfloat16, "aten.permute"),  # the (image, head)-batched q^T k
@@ -145,3 +148,32 @@ def test_benchmark_cpu_paths_command_reports_every_switch(tmp_path, capsys):
     assert res["family"] == cpu.family() and "linear_gelu_bf16_ms" in res["ops"]
     printed = capsys.readouterr().out
     assert all(name in printed for name in res["switches"])
+
+
+@pytest.mark.skipif(
+    "avx2" not in cpu._flags() or not fused.AVAILABLE, reason="needs an x86 CPU with AVX2 and a oneDNN build"
+)
+def test_cpu_paths_on_an_avx2_only_cpu_times_fp32_and_skips_emulated_bf16(tmp_path):
+    """With ATen, inductor and oneDNN capped to AVX2 (bf16 then runs through conversions, ~100x slower than fp32),
+    `xcit benchmark --cpu-paths` takes the avx2 family's choices, times the fp32 switches (prepacking in fp32) and
+    skips the bf16-only ones, and the GEMM peaks are measured at a size that takes seconds, not minutes."""
+    import json
+
+    out = tmp_path / "paths.json"
+    code = (
+        "from xcit.commands.benchmark import main; raise SystemExit(main(['--cpu-paths', '--model', "
+        f"'xcit_nano_12_p16_224', '--batch', '1', '--rounds', '1', '--iters', '1', '--results-file', {str(out)!r}]))"
+    )
+    r = _in_fresh_process(code, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", XCIT_CPU_PATHS="")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())["cpu_paths"]
+    assert res["family"] == "avx2" and res["capability"] == "AVX2" and res["chosen"] == vars(cpu.CHOICES["avx2"])
+    assert res["bf16"]["native"] is False
+    switches = res["switches"]
+    skipped = {k for k, v in switches.items() if "skipped" in v}
+    bf16_only = {k for k, d in cpu_bench.SWITCH_DTYPE.items() if d is torch.bfloat16} - cpu_bench.BOTH_PRECISIONS
+    assert skipped == bf16_only and all("emulated" in switches[k]["skipped"] for k in skipped)
+    assert switches["prepack_weights"]["precision"] == "fp32"
+    assert all(v["img_per_s_on"] > 0 and v["img_per_s_off"] > 0 for k, v in switches.items() if k not in skipped)
+    assert set(res["ops"]) == {"linear_gelu_fp32_ms"}
+    assert "not timed: bf16 is emulated here" in r.stdout

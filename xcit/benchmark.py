@@ -63,13 +63,23 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 @functools.cache  # once per process: every configuration of a run sees the same peak
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int | None = None, reps: int = 5) -> float:
-    """Best GFLOP/s of an ``n x n`` GEMM in ``dtype`` (``2 n^3`` FLOPs per call, n 2048 on CPU, 8192 on a GPU)."""
-    n = n or (8192 if device.type == "cuda" else 2048)  # a 2048 GEMM takes microseconds on a GPU: launch-bound
+    """Best GFLOP/s of an ``n x n`` GEMM in ``dtype`` (``2 n^3`` FLOPs per call). Without ``n``, the size doubles
+    from 256 while one call takes under 50 ms, up to 2048 on CPU and 8192 on a GPU (where a 2048 GEMM is
+    launch-bound): a dtype the CPU only emulates (bf16 without AVX-512 BF16, AMX or oneDNN's kernels for it: 100x
+    slower than fp32) is then measured in about a second instead of minutes."""
+    if n is None:
+        n, largest = 256, 8192 if device.type == "cuda" else 2048
+        while n < largest and _gemm_seconds(dtype, device, n, 1) < 0.05:
+            n *= 2
+    return 2 * n**3 / _gemm_seconds(dtype, device, n, reps) / 1e9
+
+
+def _gemm_seconds(dtype: torch.dtype, device: torch.device, n: int, reps: int) -> float:
+    """The fastest of ``reps`` calls of an ``n x n`` GEMM in ``dtype``, after one untimed call."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    best = min(timed(lambda: a @ b, device) for _ in range(reps))
-    return 2 * n**3 / best / 1e9
+    return min(timed(lambda: a @ b, device) for _ in range(reps))
 
 
 def _raw(formula: Callable) -> Callable:

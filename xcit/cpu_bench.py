@@ -22,12 +22,25 @@ from . import cpu
 SWITCH_DTYPE = {  # the precision in which each switch matters
     "fused_gelu_fp32": None,
     "fused_gelu_bf16": torch.bfloat16,
+    "fused_conv_gelu": None,
     "batched_heads_bf16": torch.bfloat16,
     "cache_bf16_weights": torch.bfloat16,
     "onednn_linear_bf16": torch.bfloat16,
     "onednn_linear_fp32": None,
     "prepack_weights": torch.bfloat16,
 }
+BOTH_PRECISIONS = {"prepack_weights"}  # matters in fp32 too: measured in fp32 where bf16 is emulated
+
+
+def bf16_native() -> dict:
+    """The bf16 and fp32 GEMM peaks here, and whether bf16 is at least as fast as fp32 (AVX-512 BF16, AMX). Where it
+    is not, bf16 runs through conversions (AVX2: about 100x slower than fp32): nobody runs bf16 there, and timing
+    its switches would take an hour, so they are left as the family's defaults."""
+    from .benchmark import matmul_peak
+
+    cpu_ = torch.device("cpu")
+    peaks = {"fp32": matmul_peak(torch.float32, cpu_), "bf16": matmul_peak(torch.bfloat16, cpu_)}
+    return {"gemm_peak_gflops": peaks, "native": peaks["bf16"] >= peaks["fp32"]}
 
 
 def _median_ms(fn: Callable[[], object], iters: int) -> float:
@@ -50,14 +63,15 @@ def _alternate(fns: dict[str, Callable[[], object]], rounds: int, iters: int) ->
     return out
 
 
-def op_times(tokens: int = 3136, dim: int = 192, rounds: int = 5, iters: int = 5) -> dict:
+def op_times(tokens: int = 3136, dim: int = 192, rounds: int = 5, iters: int = 5, bf16: bool = True) -> dict:
     """ms of the MLP's first GEMM + GELU (XCiT-T12: 16 x 196 tokens, 192 -> 768), fused and not, fp32 and bf16; and
-    XCA's per-head q^T k (4 heads of 48 channels), batched over (image, head) and one GEMM per head, in bf16."""
+    XCA's per-head q^T k (4 heads of 48 channels), batched over (image, head) and one GEMM per head, in bf16.
+    ``bf16`` False: the fp32 GEMM + GELU only."""
     from . import fused
 
     out: dict = {}
     x32, w, b = torch.randn(tokens, dim), torch.randn(4 * dim, dim) * 0.05, torch.zeros(4 * dim)
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))[: 2 if bf16 else 1]:
         x, wd, bd = x32.to(dt), w.to(dt), b.to(dt)
         fns = {
             "fused": lambda x=x, wd=wd, bd=bd, dt=dt: fused.linear_gelu(x, wd, bd, "none", dt),
@@ -66,6 +80,8 @@ def op_times(tokens: int = 3136, dim: int = 192, rounds: int = 5, iters: int = 5
         with torch.inference_mode():
             t = _alternate(fns, rounds, iters)
         out[f"linear_gelu_{name}_ms"] = {k: statistics.median(v) for k, v in t.items()}
+    if not bf16:
+        return out
     B, N, h = 16, tokens // 16, 4
     qkv = torch.randn(B, N, 3 * dim, dtype=torch.bfloat16)
     q, k = qkv[..., :dim], qkv[..., dim : 2 * dim]
@@ -81,17 +97,30 @@ def op_times(tokens: int = 3136, dim: int = 192, rounds: int = 5, iters: int = 5
     return out
 
 
-def switch_effects(name: str = "xcit_tiny_12_p16_224", batch: int = 16, rounds: int = 5, iters: int = 3) -> dict:
-    """For every switch, eager inference of ``name`` with it on and off (the others as chosen): img/s and on/off."""
+def switch_effects(
+    name: str = "xcit_tiny_12_p16_224", batch: int = 16, rounds: int = 5, iters: int = 3, bf16: dict | None = None
+) -> dict:
+    """For every switch, eager inference of ``name`` with it on and off (the others as chosen): img/s and on/off.
+    Where bf16 is emulated (:func:`bf16_native`), the bf16-only switches are skipped (``"skipped"`` says why)."""
     import xcit
 
     model = xcit.create_model(name).eval()
     x = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size)
     base = cpu.paths()
+    bf16 = bf16 or bf16_native()
     out: dict = {}
     try:
         for f in dataclasses.fields(cpu.FastPaths):
             dtype = SWITCH_DTYPE[f.name]
+            if dtype is torch.bfloat16 and not bf16["native"]:
+                if f.name not in BOTH_PRECISIONS:
+                    out[f.name] = {
+                        "precision": "bf16",
+                        "chosen_here": getattr(base, f.name),
+                        "skipped": _emulated(bf16),
+                    }
+                    continue
+                dtype = None
 
             def run(on: bool, f=f, dtype=dtype) -> None:
                 cpu.set_paths(**{**dataclasses.asdict(base), f.name: on})
@@ -115,10 +144,16 @@ def switch_effects(name: str = "xcit_tiny_12_p16_224", batch: int = 16, rounds: 
     return out
 
 
+def _emulated(bf16: dict) -> str:
+    peaks = bf16["gemm_peak_gflops"]
+    return f"bf16 is emulated here (GEMM peak {peaks['bf16']:.1f} GFLOP/s against fp32's {peaks['fp32']:.1f})"
+
+
 def measure(name: str = "xcit_tiny_12_p16_224", batch: int = 16, rounds: int = 5, iters: int = 3) -> dict:
     """The CPU's family, the switches chosen for it, and both sets of measurements."""
     from .benchmark import machine
 
+    bf16 = bf16_native()
     return {
         "family": cpu.family(),
         "detected_family": cpu.detect(),
@@ -127,6 +162,7 @@ def measure(name: str = "xcit_tiny_12_p16_224", batch: int = 16, rounds: int = 5
         "threads": torch.get_num_threads(),
         "chosen": dataclasses.asdict(cpu.paths()),
         "model": {"name": name, "batch": batch, "rounds": rounds, "iters": iters},
-        "switches": switch_effects(name, batch, rounds, iters),
-        "ops": op_times(rounds=rounds),
+        "bf16": bf16,
+        "switches": switch_effects(name, batch, rounds, iters, bf16),
+        "ops": op_times(rounds=rounds, bf16=bf16["native"]),
     }

@@ -99,7 +99,7 @@ def linear_gelu(fc: nn.Linear, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
 
 def depthwise_conv_gelu(conv: nn.Conv2d, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
     """``act(conv(x))`` for LPI's depthwise 3x3 conv, one oneDNN kernel in CPU inference."""
-    dtype = fused.compute_dtype(x, conv.weight)
+    dtype = fused.compute_dtype(x, conv.weight, epilogue="conv_gelu")
     if dtype is not None:
         return fused.conv_gelu(x, conv.weight, conv.bias, 1, conv.groups, act.approximate, dtype)
     return act_(act, conv(x))
@@ -119,7 +119,7 @@ def conv_bn_act(stage: nn.Sequential, act: nn.GELU | None, x: torch.Tensor) -> t
     the conv (one pass instead of two) and, in CPU inference, the GELU runs inside it. The output is channels_last
     (oneDNN's fastest conv layout, and tokens are then a free view)."""
     conv, bn = stage[0], stage[1]
-    dtype = fused.compute_dtype(x, conv.weight) if act is not None and not bn.training else None
+    dtype = fused.compute_dtype(x, conv.weight, epilogue="conv_gelu") if act is not None and not bn.training else None
     if dtype is None:  # the fused kernel relayouts (and casts) in its own single pass
         x = x.contiguous(memory_format=torch.channels_last)
     if bn.training:

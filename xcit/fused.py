@@ -215,7 +215,8 @@ _BINARY = AVAILABLE and "binary" in torch.ops.mkldnn._linear_pointwise.overloads
 
 def compute_dtype(x: torch.Tensor, *params: torch.Tensor, epilogue: str = "gelu") -> torch.dtype | None:
     """The dtype a fused kernel would run ``x`` in (autocast's if it is on), or None where it must not be used.
-    ``epilogue``: "gelu" for GEMM/conv + GELU, "linear" for a GEMM with its bias (and residual) in the epilogue."""
+    ``epilogue``: "gelu" for GEMM + GELU, "conv_gelu" for conv + GELU, "linear" for a GEMM with its bias (and
+    residual) in the epilogue."""
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_exporting():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
@@ -226,6 +227,8 @@ def compute_dtype(x: torch.Tensor, *params: torch.Tensor, epilogue: str = "gelu"
     chosen = cpu.paths()  # by CPU family (xcit.cpu): where the fused kernels are faster than the plain ops
     if epilogue == "linear":
         return dtype if (chosen.onednn_linear_fp32 if dtype == torch.float32 else chosen.onednn_linear_bf16) else None
+    if epilogue == "conv_gelu":
+        return dtype if chosen.fused_conv_gelu else None
     return dtype if (chosen.fused_gelu_fp32 if dtype == torch.float32 else chosen.fused_gelu_bf16) else None
 
 

@@ -210,6 +210,9 @@ def cpu_paths(name: str, batch: int, rounds: int, iters: int) -> dict:
     print(f"CPU family {res['family']} (detected {res['detected_family']}, ATen {res['capability']}), "
           f"{res['threads']} threads, {name} batch {batch}, eager inference")  # fmt: skip
     for switch, r in res["switches"].items():
+        if "skipped" in r:
+            print(f"  {switch:<20} {r['precision']}  not timed: {r['skipped']}")
+            continue
         lo, hi = r["round_on_over_off"]
         verdict = "faster on" if r["faster_here"] else "faster off"
         print(f"  {switch:<20} {r['precision']}  on {r['img_per_s_on']:7.1f} img/s, off {r['img_per_s_off']:7.1f}:"
