@@ -24,6 +24,9 @@ def test_run_with_timm_has_every_field():
     res = B.run(NANO, batch=2, img_size=32, compare="timm", warmup=1, rounds=2, iters=1, **TINY)
     for key in ("model", "batch", "img_size", "precision", "compile", "threads", "machine", "versions"):
         assert key in res
+    from xcit import cpu
+
+    assert res["machine"]["cpu_family"] == cpu.family() and isinstance(res["machine"]["environment"], dict)
     assert set(res["matmul_peak_gflops"]) == {"fp32", "bf16"} and all(
         map(_finite_positive, res["matmul_peak_gflops"].values())
     )

@@ -168,7 +168,7 @@ def test_cpu_paths_on_an_avx2_only_cpu_times_fp32_and_skips_emulated_bf16(tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())["cpu_paths"]
     assert res["family"] == "avx2" and res["capability"] == "AVX2" and res["chosen"] == vars(cpu.CHOICES["avx2"])
-    assert res["bf16"]["native"] is False
+    assert res["bf16"]["native"] is False and res["machine"]["environment"]["ATEN_CPU_CAPABILITY"] == "avx2"
     switches = res["switches"]
     skipped = {k for k, v in switches.items() if "skipped" in v}
     bf16_only = {k for k, d in cpu_bench.SWITCH_DTYPE.items() if d is torch.bfloat16} - cpu_bench.BOTH_PRECISIONS

@@ -277,6 +277,11 @@ def test_benchmark_warns_when_the_measured_peak_is_below_the_run():
 
     (line,) = [w for w in check(_bench_result([10.0] * 3, [11.0] * 3, fraction=1.151)) if "ours" in w]
     assert "115% of the measured fp32 GEMM peak (100 GFLOP/s)" in line and "not meaningful" in line
+    # bf16 slower than fp32 (emulated, AVX2): one line that says so, not a "busier moment"
+    emulated = {**_bench_result([10.0] * 3, [11.0] * 3, fraction=5.0), "precision": "bf16"}
+    emulated["matmul_peak_gflops"]["bf16"] = 2.5
+    (line,) = check(emulated)
+    assert "bf16 is emulated on this CPU" in line and "busier" not in line
 
 
 @pytest.mark.slow  # three short training runs: about 10 s

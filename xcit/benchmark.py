@@ -396,6 +396,12 @@ def machine() -> dict:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
+    from . import cpu
+
+    info["cpu_family"] = cpu.family()  # the fast paths' family (xcit.cpu), and what set or capped it
+    info["aten_capability"] = torch.backends.cpu.get_cpu_capability()
+    overrides = ("XCIT_CPU_FAMILY", "XCIT_CPU_PATHS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+    info["environment"] = {k: os.environ[k] for k in overrides if os.environ.get(k)}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
