@@ -263,3 +263,17 @@ def test_compiled_paths_match_timm_on_cpu():
     for name, p in ours.named_parameters():
         if not name.endswith("attn.k.bias"):  # cancels in the softmax (see the test above)
             torch.testing.assert_close(p.grad, want[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_capped_cpu_compiles_without_the_on_disk_graph_caches(monkeypatch):
+    """inductor's graph caches do not key on the vector ISA: under ATEN_CPU_CAPABILITY the benchmark compiles anew."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", True)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert B.uncached_if_capped() is False and inductor_config.fx_graph_cache
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert B.uncached_if_capped() is True
+    assert not inductor_config.fx_graph_cache and not functorch_config.enable_autograd_cache

@@ -386,7 +386,24 @@ def build_pair(
 
 def maybe_compile(model: nn.Module, enabled: bool | str) -> nn.Module:
     """``torch.compile`` with inductor for True, with the backend named by a string (e.g. "eager"), else as is."""
+    if enabled:
+        uncached_if_capped()
     return torch.compile(model, backend=enabled if isinstance(enabled, str) else "inductor") if enabled else model
+
+
+def uncached_if_capped() -> bool:
+    """With ``ATEN_CPU_CAPABILITY`` set, turn off inductor's on-disk graph caches for this process and return True.
+    Their keys do not include the CPU vector ISA, so a graph compiled earlier without the cap comes back with its
+    AVX-512 kernels in an AVX2-capped run (timm's did, for the same model, while ours, changed since, compiled
+    anew: the comparison then measured AVX-512 against AVX2 code)."""
+    if not os.environ.get("ATEN_CPU_CAPABILITY"):
+        return False
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    functorch_config.enable_autograd_cache = False
+    return True
 
 
 def machine() -> dict:

@@ -60,7 +60,7 @@ CHOICES: dict[str, FastPaths] = {
     "avx512_bf16": FastPaths(onednn_linear_bf16=True, onednn_linear_fp32=True, prepack_weights=True),
     # AVX2 only (measured on a Zen 4 with ATen, inductor and oneDNN capped to AVX2), 2 threads, fp32, alternating
     # runs: oneDNN's GELU epilogue costs 1.8 ms on fc1's output where ATen's GELU pass costs 1.2 and inductor's 0.7,
-    # so the unfused fc1 is 4-8% faster in eager and 0-8% compiled; the conv + GELU kernels are within 1-2% either
+    # so the unfused fc1 is 4-8% faster in eager and 2-6% compiled; the conv + GELU kernels are within 2% either
     # way (kept); the oneDNN linears 1-3% slower than ATen's (off); prepacking only matters with them. bf16 runs
     # through conversions, ~100x slower than fp32 (nobody uses it): its switches are not measured
     "avx2": FastPaths(fused_gelu_fp32=False),
