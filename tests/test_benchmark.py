@@ -270,10 +270,9 @@ def test_a_capped_cpu_compiles_without_the_on_disk_graph_caches(monkeypatch):
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", True)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", True)
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    assert B.uncached_if_capped() is False and inductor_config.fx_graph_cache
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    assert B.uncached_if_capped() is True
-    assert not inductor_config.fx_graph_cache and not functorch_config.enable_autograd_cache
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+        assert B.uncached_if_capped() is False and inductor_config.fx_graph_cache
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+        assert B.uncached_if_capped() is True
+        assert not inductor_config.fx_graph_cache and not functorch_config.enable_autograd_cache
