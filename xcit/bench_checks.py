@@ -44,15 +44,21 @@ def _ratio_warnings(mode: str, ratios: list[float]) -> list[str]:
     ]
 
 
+def emulated(peaks: dict, precision: str) -> bool:
+    """Whether ``precision``'s measured GEMM peak is below fp32's: the CPU converts it (bf16 without AVX-512 BF16 or
+    AMX), so its fast paths and fractions of peak mean little."""
+    return precision != "fp32" and peaks.get(precision, 0) < peaks.get("fp32", 0)
+
+
 def _peak_warnings(mode: str, mode_result: dict, peaks: dict, precision: str) -> list[str]:
     out = []
-    emulated = precision != "fp32" and peaks.get(precision, 0) < peaks.get("fp32", 0)
+    slow = emulated(peaks, precision)
     for name, r in mode_result.items():
         if isinstance(r, dict) and r.get("fraction_of_peak", 0) > 1:
             why = (
                 f"{precision} is emulated on this CPU (its GEMM peak is below fp32's {peaks.get('fp32', 0):.0f}), and "
                 f"the model's other kernels convert faster than that GEMM, so the fractions of peak mean little"
-                if emulated
+                if slow
                 else "the peak was measured in a busier moment than the run, so the fractions of peak are not "
                 "meaningful (--settle helps)"
             )
@@ -60,7 +66,7 @@ def _peak_warnings(mode: str, mode_result: dict, peaks: dict, precision: str) ->
                 f"{mode} {name}: {r['gflops_per_s']:.0f} GFLOP/s is {100 * r['fraction_of_peak']:.0f}% of the "
                 f"measured {precision} GEMM peak ({peaks[precision]:.0f} GFLOP/s): {why}"
             )
-            if emulated:
+            if slow:
                 break  # one line says it for every model
     return out
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu
 from .precision import PRECISIONS, autocast
 
 MODES = ("infer", "train")
@@ -413,8 +414,6 @@ def machine() -> dict:
             if line.startswith("model name"):
                 info["cpu"] = line.split(":", 1)[1].strip()
                 break
-    from . import cpu
-
     info["cpu_family"] = cpu.family()  # the fast paths' family (xcit.cpu), and what set or capped it
     info["aten_capability"] = torch.backends.cpu.get_cpu_capability()
     overrides = ("XCIT_CPU_FAMILY", "XCIT_CPU_PATHS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")

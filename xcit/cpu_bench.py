@@ -36,11 +36,12 @@ def bf16_native() -> dict:
     """The bf16 and fp32 GEMM peaks here, and whether bf16 is at least as fast as fp32 (AVX-512 BF16, AMX). Where it
     is not, bf16 runs through conversions (AVX2: about 100x slower than fp32): nobody runs bf16 there, and timing
     its switches would take an hour, so they are left as the family's defaults."""
+    from .bench_checks import emulated
     from .benchmark import matmul_peak
 
     cpu_ = torch.device("cpu")
     peaks = {"fp32": matmul_peak(torch.float32, cpu_), "bf16": matmul_peak(torch.bfloat16, cpu_)}
-    return {"gemm_peak_gflops": peaks, "native": peaks["bf16"] >= peaks["fp32"]}
+    return {"gemm_peak_gflops": peaks, "native": not emulated(peaks, "bf16")}
 
 
 def _median_ms(fn: Callable[[], object], iters: int) -> float:
@@ -108,6 +109,8 @@ def switch_effects(
     x = torch.randn(batch, 3, model.cfg.img_size, model.cfg.img_size)
     base = cpu.paths()
     bf16 = bf16 or bf16_native()
+    peaks = bf16["gemm_peak_gflops"]
+    emulated = f"bf16 is emulated here (GEMM peak {peaks['bf16']:.1f} GFLOP/s against fp32's {peaks['fp32']:.1f})"
     out: dict = {}
     try:
         for f in dataclasses.fields(cpu.FastPaths):
@@ -117,7 +120,7 @@ def switch_effects(
                     out[f.name] = {
                         "precision": "bf16",
                         "chosen_here": getattr(base, f.name),
-                        "skipped": _emulated(bf16),
+                        "skipped": emulated,
                     }
                     continue
                 dtype = None
@@ -142,11 +145,6 @@ def switch_effects(
     finally:
         cpu.set_paths(**dataclasses.asdict(base))
     return out
-
-
-def _emulated(bf16: dict) -> str:
-    peaks = bf16["gemm_peak_gflops"]
-    return f"bf16 is emulated here (GEMM peak {peaks['bf16']:.1f} GFLOP/s against fp32's {peaks['fp32']:.1f})"
 
 
 def measure(name: str = "xcit_tiny_12_p16_224", batch: int = 16, rounds: int = 5, iters: int = 3) -> dict:
