@@ -110,3 +110,21 @@ def test_demo_under_torchrun_writes_and_announces_its_data_once(tmp_path, monkey
     classes = sorted(p.name for p in (tmp_path / "cache" / "digits" / "train").iterdir())
     assert classes == [str(i) for i in range(10)]
     assert len(epochs(out)) == 2
+
+
+@pytest.mark.slow  # a 2-rank torchrun: about 10 s
+def test_the_process_group_xcit_creates_is_destroyed_before_the_interpreter_exits(tmp_path):
+    """Left to interpreter exit, gloo's threads can be torn down mid-flight and abort a rank that finished its work
+    ("terminate called without an active exception"); the group that `distributed.init` creates goes down first."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, torch.distributed as dist\n"
+        "from xcit import distributed\n"
+        "atexit.register(lambda: print(f'initialized at exit: {dist.is_initialized()}', flush=True))\n"
+        "world = distributed.init('CPU', True, 60)\n"
+        "distributed.barrier()\n"
+        "print(f'rank {world.rank} of {world.size}', flush=True)\n"
+    )
+    out = launch(2, str(script))
+    assert out.count("of 2") == 2
+    assert out.count("initialized at exit: False") == 2 and "initialized at exit: True" not in out

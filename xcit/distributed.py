@@ -7,6 +7,7 @@ used on GPUs and gloo on CPU. Multi-node runs go through torchrun's rendezvous (
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ def init(device_target: str = "auto", distribute: bool = True, timeout_s: float 
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         backend = "nccl" if device.type == "cuda" else "gloo"
         _init_process_group(backend, rank, size, timedelta(seconds=timeout_s))
+        # the group this created goes down before the interpreter does: left to exit, its backend's threads are
+        # torn down mid-flight ("terminate called without an active exception", SIGABRT after the work is done)
+        atexit.register(cleanup)
     return World(rank=rank, local_rank=local_rank, size=size, device=device)
 
 
