@@ -105,7 +105,8 @@ def test_gemm_time_replays_every_counted_call(impl, precision):
     g = B.gemm_time(m, torch.randn(1, 3, 64, 64), B.PRECISIONS[precision], reps=1)
     assert m.training  # recorded in eval mode, the caller's mode restored
     assert _finite_positive(g["ms_per_batch"]) and 0 < g["distinct_calls"] < g["calls"]  # the blocks repeat
-    assert g["gflop_per_batch"] == pytest.approx(B.count_flops(m.eval(), 64, torch.device("cpu")) / 1e9, rel=1e-9)
+    counted = B.count_flops(m.eval(), 64, torch.device("cpu"), dtype=B.PRECISIONS[precision])
+    assert g["gflop_per_batch"] == pytest.approx(counted / 1e9, rel=1e-9)
 
 
 def test_gemm_time_times_fused_kernels_without_their_gelu():

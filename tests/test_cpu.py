@@ -88,6 +88,7 @@ def _ops(model, x, dtype):
         ("onednn_linear_bf16", torch.bfloat16, "mkldnn._linear_pointwise[none]"),
         ("onednn_linear_fp32", None, "mkldnn._linear_pointwise[none]"),
         ("batched_heads_bf16", torch.bfloat16, "aten.permute"),  # the (image, head)-batched q^T k
+        ("fold_mixing_fp32", None, "aten.baddbmm_"),  # attn folded into proj, the residual accumulated in place
     ],
 )
 def test_each_switch_changes_the_path_not_the_values(switch, dtype, op, tiny_kwargs):

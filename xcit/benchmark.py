@@ -93,8 +93,11 @@ def _raw(formula: Callable) -> Callable:
     return f
 
 
-def count_flops(model: nn.Module, img_size: int, device: torch.device, in_chans: int = 3) -> float:
-    """Forward FLOPs of one image, counted by ``FlopCounterMode`` (matmul, conv, attention)."""
+def count_flops(
+    model: nn.Module, img_size: int, device: torch.device, in_chans: int = 3, dtype: torch.dtype | None = None
+) -> float:
+    """Forward FLOPs of one image, counted by ``FlopCounterMode`` (matmul, conv, attention), under ``dtype``'s
+    autocast when given (the paths taken, and so the GEMMs, may depend on the precision)."""
     from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
     aten = torch.ops.aten
@@ -102,7 +105,7 @@ def count_flops(model: nn.Module, img_size: int, device: torch.device, in_chans:
     inplace = {aten.addmm_: _raw(flop_registry[aten.addmm]), aten.baddbmm_: _raw(flop_registry[aten.baddbmm])}
     x = torch.randn(1, in_chans, img_size, img_size, device=device)
     counter = FlopCounterMode(display=False, custom_mapping=inplace)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), torch.autocast(device.type, dtype or torch.float32, enabled=dtype is not None), counter:
         model(x)
     return float(counter.get_total_flops())
 
@@ -511,7 +514,7 @@ def run(
     dtype = PRECISIONS[precision]
     models = build_pair(name, dev, compare, pretrained, **overrides)
     in_chans = models["ours"].cfg.in_chans
-    flops = {k: count_flops(m.eval(), img_size, dev, in_chans) for k, m in models.items()}
+    flops = {k: count_flops(m.eval(), img_size, dev, in_chans, dtype) for k, m in models.items()}
     peaks = {p: matmul_peak(PRECISIONS[p] or torch.float32, dev) for p in dict.fromkeys(("fp32", "bf16", precision))}
     result: dict = {
         "model": name,

@@ -47,6 +47,8 @@ class FastPaths:
     onednn_linear_bf16: bool = False  # qkv and fc2 in oneDNN, bias added in the epilogue (ATen's addmm: a pass more)
     onednn_linear_fp32: bool = False  # the same in fp32, fc2's residual add also in the epilogue (ATen: MKL's sgemm)
     prepack_weights: bool = False  # oneDNN GEMMs take their weights prepacked (cached per parameter), not reordered
+    fold_mixing_fp32: bool = True  # fp32 inference: attn folded into proj per image (one (B, C, C) batched GEMM);
+    # off: attn @ v per head, then proj as one GEMM over every token (and its oneDNN epilogue where chosen)
 
 
 CHOICES: dict[str, FastPaths] = {
@@ -56,8 +58,12 @@ CHOICES: dict[str, FastPaths] = {
     "amx": FastPaths(),
     # AMD EPYC Zen 4 (AVX-512 BF16, no AMX), 2 threads. Eager, one switch off at a time: fused GELU bf16 +6%, fp32
     # +4%; oneDNN linears fp32 +3%, bf16 +1%; batched heads and cached weights within the noise. Compiled, alternating
-    # rounds: prepacked weights +10% bf16, +6% fp32; oneDNN linears fp32 +5%; fused GELU fp32 +5% (README)
-    "avx512_bf16": FastPaths(onednn_linear_bf16=True, onednn_linear_fp32=True, prepack_weights=True),
+    # rounds: prepacked weights +10% bf16, +6% fp32; oneDNN linears fp32 +5%; fused GELU fp32 +5%. fp32 channel mixing
+    # unfolded: the (B, C, C) batched GEMM runs at 80% of one GEMM over all tokens here, so attn @ v then proj is
+    # +1.5% eager and +1-3% compiled in fp32 (in bf16 the fold stays: unfolded is 1-3% slower) (README)
+    "avx512_bf16": FastPaths(
+        onednn_linear_bf16=True, onednn_linear_fp32=True, prepack_weights=True, fold_mixing_fp32=False
+    ),
     # AVX2 only (measured on a Zen 4 with ATen, inductor and oneDNN capped to AVX2), 2 threads, fp32, alternating
     # runs: oneDNN's GELU epilogue costs 1.8 ms on fc1's output where ATen's GELU pass costs 1.2 and inductor's 0.7,
     # so the unfused fc1 is 4-8% faster in eager and 2-6% compiled; the conv + GELU kernels are within 2% either

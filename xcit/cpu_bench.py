@@ -28,6 +28,7 @@ SWITCH_DTYPE = {  # the precision in which each switch matters
     "onednn_linear_bf16": torch.bfloat16,
     "onednn_linear_fp32": None,
     "prepack_weights": torch.bfloat16,
+    "fold_mixing_fp32": None,
 }
 BOTH_PRECISIONS = {"prepack_weights"}  # matters in fp32 too: measured in fp32 where bf16 is emulated
 

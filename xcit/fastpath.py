@@ -171,6 +171,22 @@ def gram(q: torch.Tensor, k: torch.Tensor, heads: int, normalise: bool) -> torch
     return g / (qn.unsqueeze(-1) * kn.unsqueeze(-2))
 
 
+def folds_mixing(v: torch.Tensor) -> bool:
+    """Whether XCA folds its attention into proj's weights (one (B, C, C) matrix per image) for these values; CPU
+    fp32 inference where the family wants it (``fold_mixing_fp32``) takes ``attn @ v`` then proj instead."""
+    if v.dtype != torch.float32 or not v.is_cpu or torch.is_grad_enabled():
+        return True
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():  # exported graphs keep one form
+        return True
+    return cpu.paths().fold_mixing_fp32
+
+
+def attend(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per head ``attn @ v`` over channels: (B, h, d, d) attention, (B, N, h, d) values -> (B, N, h * d) tokens."""
+    B, N, h, d = v.shape
+    return (v.transpose(1, 2) @ attn.mT).transpose(1, 2).reshape(B, N, h * d)
+
+
 def mixing(attn_t: torch.Tensor, w_h: torch.Tensor) -> torch.Tensor:
     """The (B, C, C) matrix ``blockdiag(attn_h^T) @ W_p^T``: (B, h, d, d) transposed attention, (h, d, C) weights."""
     B, h, d, _ = attn_t.shape

@@ -148,7 +148,9 @@ class XCA(nn.Module):
     * the L2 normalisation of q and k over tokens is applied to the small (d_h x d_h) Gram matrix instead of to q
       and k (``q^T k / (|q| |k|)`` is the same value), in fp32 so that bf16 never divides by an underflowed norm;
     * the per-head channel mixing ``attn @ v`` is folded into ``proj``: ``proj(v attn^T) = v (W_p blockdiag(attn))^T``
-      costs the same FLOPs (d_h C^2 instead of d_h C N, less for N > C) and needs no head transposes.
+      costs the same FLOPs (d_h C^2 instead of d_h C N, less for N > C) and needs no head transposes (CPU fp32
+      inference on CPU families where one GEMM over all tokens is faster than a batched one per image computes
+      ``attn @ v`` and then ``proj``: :func:`xcit.fastpath.folds_mixing`).
 
     Cost is linear in N.
     """
@@ -186,6 +188,12 @@ class XCA(nn.Module):
         B, N, C = x.shape
         h = self.num_heads
         attn, v = self.attention(x)
+        if not fastpath.folds_mixing(v):  # attn @ v, then proj as one GEMM over every token
+            z = fastpath.attend(attn.to(v.dtype), v)
+            if shortcut is not None:
+                return fastpath.add_linear(shortcut, z, self.proj.weight, self.proj.bias, gamma)
+            out = fastpath.linear(self.proj, z)
+            return self.proj_drop(out if gamma is None else out * gamma)
         v = v.flatten(2)
         w_t, b = self.proj.weight.t(), self.proj.bias  # (C_in, C_out)
         if gamma is not None:  # LayerScale folded into proj's output columns
