@@ -165,7 +165,8 @@ def test_cpu_paths_on_an_avx2_only_cpu_times_fp32_and_skips_emulated_bf16(tmp_pa
         "from xcit.commands.benchmark import main; raise SystemExit(main(['--cpu-paths', '--model', "
         f"'xcit_nano_12_p16_224', '--batch', '1', '--rounds', '1', '--iters', '1', '--results-file', {str(out)!r}]))"
     )
-    r = _in_fresh_process(code, ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", XCIT_CPU_PATHS="")
+    caps = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    r = _in_fresh_process(code, **caps, XCIT_CPU_PATHS="", XCIT_CPU_FAMILY="")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())["cpu_paths"]
     assert res["family"] == "avx2" and res["capability"] == "AVX2" and res["chosen"] == vars(cpu.CHOICES["avx2"])

@@ -72,7 +72,8 @@ def test_inference_uses_fused_kernels_training_does_not(tiny_kwargs):
     fused_gelu = {"mkldnn._linear_pointwise[gelu]", "mkldnn._convolution_pointwise[gelu]"}
     for linears in (False, True):  # the GEMMs with a bias in oneDNN too, or in ATen
         try:
-            cpu.set_paths(onednn_linear_bf16=linears, onednn_linear_fp32=linears)
+            fused_on = dict(fused_gelu_fp32=True, fused_gelu_bf16=True, fused_conv_gelu=True)  # whatever the family
+            cpu.set_paths(onednn_linear_bf16=linears, onednn_linear_fp32=linears, **fused_on)
             with torch.no_grad():
                 inference = set(ops_run(lambda: m(x)))
             with torch.autocast("cpu", torch.bfloat16), torch.inference_mode():
