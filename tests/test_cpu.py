@@ -109,6 +109,25 @@ def test_each_switch_changes_the_path_not_the_values(switch, dtype, op, tiny_kwa
     assert (on - off).abs().max() <= tol
 
 
+@pytest.mark.parametrize("with_gamma", [False, True])
+def test_unfolded_channel_mixing_without_a_shortcut(with_gamma):
+    """XCA alone (no residual to accumulate into): attn @ v then proj equals the folded form, LayerScale or not."""
+    from xcit.model import XCA
+
+    torch.manual_seed(0)
+    xca = XCA(32, 4).eval()
+    x, gamma = torch.randn(2, 10, 32), (torch.rand(32) + 0.5 if with_gamma else None)
+    outs = []
+    try:
+        for fold in (True, False):
+            cpu.set_paths(fold_mixing_fp32=fold)
+            with torch.no_grad():
+                outs.append(xca(x, gamma=gamma))
+    finally:
+        cpu.set_paths()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
 @needs_onednn
 def test_weight_cache_switches(tiny_kwargs):
     """cache_bf16_weights keeps bf16 copies of parameters, prepack_weights GEMM weights in oneDNN's layout."""

@@ -142,7 +142,7 @@ class PositionalEncodingFourier(nn.Module):
 class XCA(nn.Module):
     """Cross-covariance attention (paper sec. 3.1): a softmax over the (d_h x d_h) channel map ``q^T k``.
 
-    Tokens stay in (B, N, C) layout throughout and nothing of size N is copied:
+    Tokens stay in (B, N, C) layout throughout and nothing of size N is copied (but v in the unfolded form below):
 
     * each head's ``q^T k`` is one GEMM on strided views of the qkv output;
     * the L2 normalisation of q and k over tokens is applied to the small (d_h x d_h) Gram matrix instead of to q
