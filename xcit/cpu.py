@@ -60,7 +60,7 @@ CHOICES: dict[str, FastPaths] = {
     # +4%; oneDNN linears fp32 +3%, bf16 +1%; batched heads and cached weights within the noise. Compiled, alternating
     # rounds: prepacked weights +10% bf16, +6% fp32; oneDNN linears fp32 +5%; fused GELU fp32 +5%. fp32 channel mixing
     # unfolded: the (B, C, C) batched GEMM runs at 80% of one GEMM over all tokens here, so attn @ v then proj is
-    # +1.5% eager and +1-3% compiled in fp32 (in bf16 the fold stays: unfolded is 1-3% slower) (README)
+    # +1.5-1.8% eager and +1.2-3% compiled in fp32 (in bf16 the fold stays: unfolded is 1-3% slower) (README)
     "avx512_bf16": FastPaths(
         onednn_linear_bf16=True, onednn_linear_fp32=True, prepack_weights=True, fold_mixing_fp32=False
     ),

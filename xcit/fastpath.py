@@ -174,11 +174,8 @@ def gram(q: torch.Tensor, k: torch.Tensor, heads: int, normalise: bool) -> torch
 def folds_mixing(v: torch.Tensor) -> bool:
     """Whether XCA folds its attention into proj's weights (one (B, C, C) matrix per image) for these values; CPU
     fp32 inference where the family wants it (``fold_mixing_fp32``) takes ``attn @ v`` then proj instead."""
-    if v.dtype != torch.float32 or not v.is_cpu or torch.is_grad_enabled():
-        return True
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():  # exported graphs keep one form
-        return True
-    return cpu.paths().fold_mixing_fp32
+    plain = torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_exporting()  # one exported form
+    return v.dtype != torch.float32 or not v.is_cpu or plain or cpu.paths().fold_mixing_fp32
 
 
 def attend(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
