@@ -7,9 +7,9 @@ model = torch.hub.load("/local/clone", "xcit_tiny_12_p16_224", source="local")
 
 from __future__ import annotations
 
-from xcit.loading import from_pretrained as _from_pretrained
-from xcit.variants import create_model as _create_model
-from xcit.variants import list_models as _list_models
+from xcit.weights.factory import create_model as _create_model
+from xcit.weights.factory import list_models as _list_models
+from xcit.weights.loading import from_pretrained as _from_pretrained
 
 dependencies = ["torch", "safetensors"]
 

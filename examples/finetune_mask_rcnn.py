@@ -23,7 +23,7 @@ import torch
 from torchvision.models.detection import MaskRCNN
 
 import xcit
-from xcit.backbone import XCiTFPN
+from xcit.weights.backbone import XCiTFPN
 
 log = logging.getLogger("xcit")
 
@@ -73,7 +73,7 @@ def build_detector(
     detector_args: dict | None = None,
     **overrides,
 ) -> MaskRCNN:
-    """Mask R-CNN on :class:`xcit.backbone.XCiTFPN`, the backbone from ``checkpoint`` (any format XCiTBackbone
+    """Mask R-CNN on :class:`xcit.weights.backbone.XCiTFPN`, the backbone from ``checkpoint`` (any format XCiTBackbone
     reads; ``overrides`` go to it); images are resized to ``image_size`` (torchvision's transform pads them to a
     multiple of 32). ``detector_args`` go to torchvision's ``MaskRCNN`` (proposal counts, sampling sizes, ...)."""
     backbone = xcit.XCiTBackbone(name, pretrained=checkpoint, drop_path_rate=drop_path_rate, **overrides)

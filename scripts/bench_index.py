@@ -6,7 +6,7 @@
 
 Tree mode writes two trees of small JPEGs in 100 class folders (``--files`` and ``--small`` images) and times, each
 in a fresh Python process (warm page cache, as for a job that starts on a file system it has just read), building
-the training data set exactly as ``xcit train`` does (``xcit.data.build_datasets``: listing, index, transforms)
+the training data set exactly as ``xcit train`` does (``xcit.data.pipeline.build_datasets``: listing, index, transforms)
 and torchvision's ``ImageFolder`` listing of the same large tree. The start-up added by the tree is the large
 tree's time minus the small tree's; the target is at most 3 x torchvision's time + 0.75 s. Runs alternate between
 the three measurements; medians are reported.
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _OURS = """
 import sys, time
 t = time.perf_counter()
-from xcit.config import load_config
-from xcit.data import build_datasets
+from xcit.config.train_config import load_config
+from xcit.data.pipeline import build_datasets
 cfg = load_config(["--data_dir", sys.argv[1], "--image_resize", "32"])[0]
 t0 = time.perf_counter()
 train, _ = build_datasets(cfg, need_val=False)
@@ -92,8 +92,8 @@ def tree_mode(workdir: Path, files: int, small: int, repeats: int) -> dict:
 def synthetic_mode(n: int, workdir: Path) -> dict:
     import numpy as np
 
-    from xcit.index_cache import load_cached, save_cached
-    from xcit.readers import FolderSource, Listing, encode_paths
+    from xcit.data.index_cache import load_cached, save_cached
+    from xcit.data.readers import FolderSource, Listing, encode_paths
 
     classes = [f"n{i:08d}" for i in range(1000)]
     per = -(-n // len(classes))
@@ -131,8 +131,8 @@ def synthetic_mode(n: int, workdir: Path) -> dict:
 
 def shards_mode(workdir: Path, files: int) -> dict:
     """``xcit shard``'s writing speed and the shard index's build time on the ``--files`` tree (one process)."""
-    from xcit.readers import list_folder
-    from xcit.shards import list_shards, write_shards
+    from xcit.data.readers import list_folder
+    from xcit.data.shards import list_shards, write_shards
 
     tree = write_tree(workdir / f"tree{files}", files)
     source, _ = list_folder(tree / "train")

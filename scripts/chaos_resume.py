@@ -208,7 +208,7 @@ def max_abs_diff(a: object, b: object, where: str = "") -> dict[str, float]:
 
 
 def compare(ref: Path, got: Path) -> dict[str, float]:
-    from xcit.checkpoint import load_checkpoint
+    from xcit.runtime.checkpoint import load_checkpoint
 
     a, b = load_checkpoint(ref, require_checksum=True), load_checkpoint(got, require_checksum=True)
     diffs = {}
@@ -242,13 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", action="store_true", help="train on WebDataset shards of the data (xcit shard)")
     a = p.parse_args(argv)
 
-    from xcit.demo import write_digits
+    from xcit.data.demo import write_digits
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="xcit-chaos-"))
     a.epochs = a.epochs or max(3, math.ceil(a.kills * 4 / 20) + 1)  # 20 steps per epoch, <= 4 steps per kill
     data = write_digits(work / "digits", classes=4, per_class=50)
-    if a.shards:  # the same images as tar shards, read by random access (xcit.shards)
-        from xcit.commands.shard import main as shard
+    if a.shards:  # the same images as tar shards, read by random access (xcit.data.shards)
+        from xcit.cli.shard import main as shard
 
         if shard([str(data), str(work / "digits-wds"), "--max-size", "16KB"]) != 0:
             return 2

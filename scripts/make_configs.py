@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xcit.variants import VARIANTS, official_top1
+from xcit.weights.factory import VARIANTS, official_top1
 
 OUT = Path("configs/xcit/official")
 

@@ -19,7 +19,8 @@ Fixtures (MindSpore PYNATIVE mode on CPU, every parameter perturbed with a seede
   (the EMA weights loaded with MindCV's own ``load_model_checkpoint(..., ema=True)``) and ``config``.
 
 ``--full`` builds the registered ``xcit_tiny_12_p16_224`` (not committed; for checking the key map on the real
-architecture). ``--verify-export PATH`` loads a checkpoint written by ``xcit.mindspore_ckpt.write_mindspore_ckpt``
+architecture). ``--verify-export PATH`` loads a checkpoint written by
+``xcit.weights.mindspore_ckpt.write_mindspore_ckpt``
 with ``mindspore.load_checkpoint`` + ``load_param_into_net(strict_load=True)`` and with MindCV's
 ``load_model_checkpoint`` into the fixture's architecture, and compares the logits with the fixture's.
 """

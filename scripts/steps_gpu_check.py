@@ -20,7 +20,7 @@ def cuda_available() -> bool:
 
 def describe() -> dict:
     """Machine and versions, for the summary."""
-    from xcit import benchmark as B
+    from xcit.bench import runner as B
 
     machine = B.machine() | {"cpu_count": os.cpu_count()}
     versions = B.versions() | {"cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -49,7 +49,7 @@ def headline(step: str, res: dict) -> str:
 
 def loader(plan: dict, out: Path, deadline: float) -> dict:
     """The training loader with one worker per core, and one worker's decode + transform speed (ours and timm's)."""
-    from xcit import bench_data as D
+    from xcit.bench import data as D
 
     folder = D.write_jpegs(out / "jpegs", n=plan["jpegs"], size=plan["jpeg_size"])
     res = D.loader_throughput(folder, os.cpu_count() or 1, plan["loader_batch"], plan["loader_images"])
@@ -82,7 +82,7 @@ def _tokens_square(model: torch.nn.Module, size: int, device: str) -> bool:
 
 def sweep(plan: dict, out: Path, deadline: float) -> dict:
     import xcit
-    from xcit import bench_sweep as S
+    from xcit.bench import sweep as S
 
     name, dev = plan["models"][0], plan["device"]
     res = S.sweep(name, plan["sweep_precision"], dev, plan["sweep_batch"], iters=3, sizes=plan["sweep_sizes"],
@@ -123,7 +123,7 @@ def bench_entries(plan: dict) -> list[dict]:
 
 def _loader_share(out: Path, train: dict, batch: int, device: str) -> dict | None:
     """Compute- or data-bound: the loader step's one-worker speed against this entry's training step."""
-    from xcit import bench_data as D
+    from xcit.bench import data as D
 
     path = out / "loader" / "result.json"
     if not path.exists():
@@ -134,7 +134,7 @@ def _loader_share(out: Path, train: dict, batch: int, device: str) -> dict | Non
 
 
 def bench(plan: dict, out: Path, deadline: float) -> dict:
-    from xcit import benchmark as B
+    from xcit.bench import runner as B
 
     entries = bench_entries(plan)
     needs = 75.0 if plan["device"] == "cuda" else 10.0  # seconds a compiled entry needs at least (eager: a fifth)

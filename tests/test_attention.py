@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 import xcit
-from xcit.commands import attention as attention_cmd
-from xcit.commands.attention import model_input_size
-from xcit.config import TrainConfig
-from xcit.visualize import overlay, upsample_maps
+from xcit.cli import attention as attention_cmd
+from xcit.cli.attention import model_input_size
+from xcit.config.train_config import TrainConfig
+from xcit.infer.visualize import overlay, upsample_maps
 
 from .conftest import perturb_
 

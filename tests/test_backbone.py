@@ -6,7 +6,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.ops import FeaturePyramidNetwork
 
 import xcit
-from xcit.backbone import XCiTFPN
+from xcit.weights.backbone import XCiTFPN
 
 from .conftest import perturb_
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from xcit import bench_data as D
-from xcit import bench_sweep as S
-from xcit import benchmark as B
+from xcit.bench import data as D
+from xcit.bench import runner as B
+from xcit.bench import sweep as S
 from xcit.cli import main
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
@@ -24,7 +24,7 @@ def test_run_with_timm_has_every_field():
     res = B.run(NANO, batch=2, img_size=32, compare="timm", warmup=1, rounds=2, iters=1, **TINY)
     for key in ("model", "batch", "img_size", "precision", "compile", "threads", "machine", "versions"):
         assert key in res
-    from xcit import cpu
+    from xcit.fast import cpu
 
     assert res["machine"]["cpu_family"] == cpu.family() and isinstance(res["machine"]["environment"], dict)
     assert set(res["matmul_peak_gflops"]) == {"fp32", "bf16"} and all(
@@ -85,7 +85,7 @@ def test_peak_memory_counts_what_a_step_allocates():
 
 
 def test_flop_count_matches_the_analytic_count():
-    from xcit.variants import gmacs
+    from xcit.weights.factory import gmacs
 
     m = B.build_pair(NANO, torch.device("cpu"), None)["ours"]
     counted = B.count_flops(m.eval(), 224, torch.device("cpu")) / 2e9

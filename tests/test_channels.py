@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import xcit
-from xcit.config import ConfigError, load_config
-from xcit.imageio import to_mode
-from xcit.preprocessing import Preprocessing, channel_stats
+from xcit.config.train_config import ConfigError, load_config
+from xcit.data.imageio import to_mode
+from xcit.model.preprocessing import Preprocessing, channel_stats
 
 from .conftest import perturb_
 from .test_data import make_folder
@@ -107,7 +107,7 @@ def test_xcit_train_on_grey_and_four_band_images(tmp_path, channels):
     prep = timm.data.resolve_data_config(model=model)
     assert prep["input_size"] == (channels, 32, 32) and len(prep["mean"]) == channels
     assert (prep["interpolation"], prep["crop_pct"]) == ("bilinear", 0.875)  # the training config's (MindCV's)
-    from xcit.predict import eval_preprocessing, eval_transform, find_images, predict
+    from xcit.infer.predict import eval_preprocessing, eval_transform, find_images, predict
 
     files = find_images([data / "val"])
     results, errors = predict(model, files, eval_transform(eval_preprocessing(model)), ["a", "b"], topk=1)

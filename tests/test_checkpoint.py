@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import xcit
-from xcit.checkpoint import (
+from xcit.runtime.checkpoint import (
     CheckpointError,
     capture_rng_state,
     latest_checkpoint,
@@ -108,7 +108,7 @@ def test_latest_of_empty_or_missing_dir_is_none(tmp_path):
 _FULL_DISK = textwrap.dedent(
     """
     import resource, signal, sys, torch
-    from xcit.checkpoint import CheckpointError, save_checkpoint
+    from xcit.runtime.checkpoint import CheckpointError, save_checkpoint
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing the process
     resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))
     try:

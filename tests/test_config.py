@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xcit.config import ConfigError, TrainConfig, load_config, notices, save_config
-from xcit.variants import VARIANTS
+from xcit.config.train_config import ConfigError, TrainConfig, load_config, notices, save_config
+from xcit.weights.factory import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -174,7 +174,7 @@ def test_ascend_keys_are_mapped():
 
 
 def test_notices_name_keys_without_effect_and_spare_a_saved_config(tmp_path):
-    from xcit.config import notices
+    from xcit.config.train_config import notices
 
     save_config(load_config([])[0], tmp_path / "config.yaml")  # every key written, at its default
     assert notices(*load_config(["-c", str(tmp_path / "config.yaml")])) == []

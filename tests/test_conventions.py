@@ -1,5 +1,5 @@
 """timm's conventions on every model (``pretrained_cfg``, ``feature_info``) and the one set of preprocessing
-defaults (:class:`xcit.preprocessing.Preprocessing`)."""
+defaults (:class:`xcit.model.preprocessing.Preprocessing`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import xcit
-from xcit.config import load_config
-from xcit.preprocessing import Preprocessing
+from xcit.config.train_config import load_config, recorded_preprocessing
+from xcit.model.preprocessing import Preprocessing
 
 timm = pytest.importorskip("timm")
 
@@ -29,10 +29,8 @@ def test_preprocessing_is_frozen_data_with_one_set_of_defaults():
     assert Preprocessing.from_pretrained_cfg({}) == prep
     cfg, _ = load_config([])  # the training keys keep MindCV's meaning when left out: bilinear, crop 0.875
     assert Preprocessing.from_train_config(cfg) == Preprocessing(224, 0.875, "bilinear")
-    assert (
-        Preprocessing.from_recorded_config({"image_resize": 64, "interpolation": "random"}).interpolation == "bicubic"
-    )
-    assert Preprocessing.from_recorded_config({}) is None
+    assert recorded_preprocessing({"image_resize": 64, "interpolation": "random"}).interpolation == "bicubic"
+    assert recorded_preprocessing({}) is None
 
 
 def test_bare_variant_resolves_in_timm_and_has_feature_info():
@@ -72,11 +70,11 @@ def test_backbone_and_pyramid_feature_info():
 
 def test_hub_folder_and_training_checkpoint_resolve_their_preprocessing(tmp_path):
     model = xcit.create_model("xcit_nano_12_p16_224", num_classes=3, **TINY)
-    model.save_pretrained(tmp_path / "hub", pretrained_cfg={"crop_pct": 0.9, "interpolation": "bilinear"})
+    xcit.save_pretrained(model, tmp_path / "hub", pretrained_cfg={"crop_pct": 0.9, "interpolation": "bilinear"})
     loaded = xcit.load_model(tmp_path / "hub")
     assert timm.data.resolve_data_config(model=loaded) == {**OFFICIAL, "crop_pct": 0.9, "interpolation": "bilinear"}
     again = tmp_path / "again"
-    loaded.save_pretrained(again)  # what a folder records is written again
+    xcit.save_pretrained(loaded, again)  # what a folder records is written again
     assert json.loads((again / "config.json").read_text())["pretrained_cfg"]["crop_pct"] == 0.9
     cfg, _ = load_config(
         ["--image_resize", "48", "--crop_pct", "0.95", "--mean", "[0.5, 0.5, 0.5]", "--std", "[0.2, 0.2, 0.2]"]

@@ -1,4 +1,5 @@
-"""CPU-family dispatch (``xcit.cpu``): detection, overrides, and every switch changing the path but not the values."""
+"""CPU-family dispatch (``xcit.fast.cpu``): detection, overrides, and every switch changing the path but not the
+values."""
 
 import dataclasses
 import os
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 import xcit
-from xcit import cpu, cpu_bench, fused
+from xcit.bench import cpu_paths as cpu_bench
+from xcit.fast import cpu, fused
 
 needs_onednn = pytest.mark.skipif(not fused.AVAILABLE, reason="this torch build has no oneDNN fused ops")
 
@@ -57,7 +59,7 @@ def _in_fresh_process(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_environment_overrides_family_and_switches():
-    code = "import dataclasses, xcit.cpu as c; print(c.family(), dataclasses.asdict(c.paths()))"
+    code = "import dataclasses, xcit.fast.cpu as c; print(c.family(), dataclasses.asdict(c.paths()))"
     r = _in_fresh_process(code, XCIT_CPU_FAMILY="amx", XCIT_CPU_PATHS="fused_gelu_bf16=0")
     assert r.returncode == 0, r.stderr
     fam, _, rest = r.stdout.strip().partition(" ")
@@ -112,7 +114,7 @@ def test_each_switch_changes_the_path_not_the_values(switch, dtype, op, tiny_kwa
 @pytest.mark.parametrize("with_gamma", [False, True])
 def test_unfolded_channel_mixing_without_a_shortcut(with_gamma):
     """XCA alone (no residual to accumulate into): attn @ v then proj equals the folded form, LayerScale or not."""
-    from xcit.model import XCA
+    from xcit.model.xcit import XCA
 
     torch.manual_seed(0)
     xca = XCA(32, 4).eval()
@@ -157,7 +159,7 @@ def test_benchmark_cpu_paths_command_reports_every_switch(tmp_path, capsys):
     """`xcit benchmark --cpu-paths` times each switch on and off and writes the measurements as JSON."""
     import json
 
-    from xcit.commands.benchmark import main
+    from xcit.cli.benchmark import main
 
     out = tmp_path / "paths.json"
     args = ["--cpu-paths", "--model", "xcit_nano_12_p16_224", "--batch", "1", "--rounds", "1", "--iters", "1"]
@@ -181,7 +183,7 @@ def test_cpu_paths_on_an_avx2_only_cpu_times_fp32_and_skips_emulated_bf16(tmp_pa
 
     out = tmp_path / "paths.json"
     code = (
-        "from xcit.commands.benchmark import main; raise SystemExit(main(['--cpu-paths', '--model', "
+        "from xcit.cli.benchmark import main; raise SystemExit(main(['--cpu-paths', '--model', "
         f"'xcit_nano_12_p16_224', '--batch', '1', '--rounds', '1', '--iters', '1', '--results-file', {str(out)!r}]))"
     )
     caps = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from xcit.config import load_config
-from xcit.data import DataError, build_datasets, mixup_fn, train_loader, val_loader
-from xcit.demo import write_digits
-from xcit.losses import Criterion
-from xcit.preprocessing import Preprocessing
+from xcit.config.train_config import load_config
+from xcit.data.demo import write_digits
+from xcit.data.pipeline import DataError, build_datasets, mixup_fn, train_loader, val_loader
+from xcit.model.preprocessing import Preprocessing
+from xcit.train.losses import Criterion
 
 
 def make_folder(root: Path, classes=("a", "b", "c"), per_class: int = 6, size: int = 20, seed: int = 0) -> Path:
@@ -98,7 +98,7 @@ def test_validation_scores_each_decodable_image_once_and_names_the_rest(tmp_path
     files = add_bad_files(root)
     for key in ("zero", "garbage", "truncated"):  # move them to val, beside 12 good images
         files[key] = files[key].rename(root / "val" / "b" / files[key].name)
-    from xcit.evaluate import evaluate
+    from xcit.train.evaluate import evaluate
 
     class Count(torch.nn.Module):  # logits from the label's colour channel: every image is classified right
         def forward(self, x):
@@ -155,7 +155,7 @@ def test_custom_split_names_and_checkpoint_classes(tmp_path):
 def test_recipe_transforms_come_from_timm(tmp_path):
     cfg = cfg_for(tmp_path, "--auto_augment", "randaug-m9-mstd0.5-inc1", "--re_prob", "0.25", "--re_value", "pixel")
     cfg.re_scale = (0.1, 0.2)
-    from xcit.data import eval_transform, train_transform
+    from xcit.data.pipeline import eval_transform, train_transform
 
     names = [type(t).__name__ for t in train_transform(cfg).transforms]
     assert names[:2] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip"]
@@ -173,7 +173,7 @@ def test_recipe_transforms_come_from_timm(tmp_path):
 def test_trivial_augment_wide_is_torchvisions_in_the_augmentation_slot(tmp_path):
     from torchvision.transforms import InterpolationMode, TrivialAugmentWide
 
-    from xcit.data import train_transform
+    from xcit.data.pipeline import train_transform
 
     cfg = cfg_for(tmp_path, "--auto_augment", "trivialaugwide", "--color_jitter", "0.4", "--interpolation", "bilinear")
     t = train_transform(cfg)
@@ -246,7 +246,7 @@ def test_transforms_give_timms_tensors(tmp_path):
 
     from timm.data import create_transform
 
-    from xcit.data import ToNormalizedTensor, eval_transform, train_transform
+    from xcit.data.pipeline import ToNormalizedTensor, eval_transform, train_transform
 
     cfg = cfg_for(tmp_path, "--auto_augment", "randaug-m9-mstd0.5-inc1", "--re_prob", "0.25", "--re_value", "pixel")
     cfg.re_scale, cfg.re_ratio = (0.02, 1 / 3), (0.3, 1 / 0.3)  # timm's defaults (MindCV's: (0.02, 0.33), (0.3, 3.3))

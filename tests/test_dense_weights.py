@@ -12,7 +12,7 @@ from timm.models.xcit import ConvPatchEmbed, PositionalEncodingFourier, XCABlock
 from torch import nn
 
 import xcit
-from xcit.weights import WeightsError, timm_to_official
+from xcit.weights.files import WeightsError, timm_to_official
 
 from .conftest import perturb_
 

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import xcit
-from xcit.checkpoint import load_checkpoint
-from xcit.config import ConfigError, load_config
-from xcit.demo import write_digits
-from xcit.distill import build_teacher
-from xcit.losses import Criterion, DistillationLoss
-from xcit.train import fit
-from xcit.weights import WeightsError
+from xcit.config.train_config import ConfigError, load_config
+from xcit.data.demo import write_digits
+from xcit.runtime.checkpoint import load_checkpoint
+from xcit.train.distill import build_teacher
+from xcit.train.fit import fit
+from xcit.train.losses import Criterion, DistillationLoss
+from xcit.weights.files import WeightsError
 
 from .test_train import FAST, TINY
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from xcit.checkpoint import load_checkpoint
-from xcit.demo import write_digits
+from xcit.data.demo import write_digits
+from xcit.runtime.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["--model", "xcit_nano_12_p8_224", "--model_overrides", "{embed_dim: 32, depth: 2, num_heads: 2}"]
@@ -119,7 +119,7 @@ def test_the_process_group_xcit_creates_is_destroyed_before_the_interpreter_exit
     script = tmp_path / "rank.py"
     script.write_text(
         "import atexit, torch.distributed as dist\n"
-        "from xcit import distributed\n"
+        "from xcit.runtime import distributed\n"
         "atexit.register(lambda: print(f'initialized at exit: {dist.is_initialized()}', flush=True))\n"
         "world = distributed.init('CPU', True, 60)\n"
         "distributed.barrier()\n"

@@ -7,9 +7,9 @@ import logging
 
 import torch
 
-from xcit.checkpoint import load_checkpoint, save_checkpoint
 from xcit.cli import main
-from xcit.divergence import WEIGHT_LIMIT, set_aside_diverged
+from xcit.runtime.checkpoint import load_checkpoint, save_checkpoint
+from xcit.train.divergence import WEIGHT_LIMIT, set_aside_diverged
 
 from .test_data import make_folder
 

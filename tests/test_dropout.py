@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import xcit
-from xcit.config import ConfigError, config_from_dict
+from xcit.config.train_config import ConfigError, config_from_dict
 
 from .conftest import perturb_
 
@@ -82,7 +82,7 @@ def test_drop_rate_with_drop_path_and_backward():
 
 
 def test_timm_drop_rate_is_not_read_as_ours():
-    from xcit.hub import TIMM_ARGS
+    from xcit.weights.hub import TIMM_ARGS
 
     assert "drop_rate" not in TIMM_ARGS and "drop_path_rate" in TIMM_ARGS  # timm's drop_rate is the head dropout
 

@@ -2,7 +2,7 @@
 
 MindCV (``mindcv/utils/train_step.py``, ``TrainStep.ema_update``) updates at optimiser update ``t`` (1-based) with
 ``d_t = ema_decay * (1 - exp(-t / 2000))`` computed in float32; the official ``main.py`` uses ``d_t = ema_decay``.
-The rule is re-derived here with NumPy, independently of ``xcit.ema``.
+The rule is re-derived here with NumPy, independently of ``xcit.train.ema``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from xcit.checkpoint import load_checkpoint
-from xcit.config import load_config
-from xcit.demo import write_digits
-from xcit.ema import ModelEma
-from xcit.train import fit
+from xcit.config.train_config import load_config
+from xcit.data.demo import write_digits
+from xcit.runtime.checkpoint import load_checkpoint
+from xcit.train.ema import ModelEma
+from xcit.train.fit import fit
 
 SMALL = ["--model_overrides", "{embed_dim: 32, depth: 1, num_heads: 2}", "--image_resize", "32"]
 SMALL += ["--num_parallel_workers", "0", "--tensorboard", "False", "--distribute", "False", "--batch_size", "4"]

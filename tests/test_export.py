@@ -6,8 +6,16 @@ import pytest
 import torch
 
 import xcit
-from xcit.commands import export as export_cmd
-from xcit.export import export_onnx, export_program, export_torchscript, onnx_opset, run_exported, save_program, verify
+from xcit.cli import export as export_cmd
+from xcit.infer.export import (
+    export_onnx,
+    export_program,
+    export_torchscript,
+    onnx_opset,
+    run_exported,
+    save_program,
+    verify,
+)
 
 from .conftest import perturb_
 
@@ -56,7 +64,7 @@ def test_onnx_axes_are_named_batch_height_width():
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
-    from xcit.export import name_axes
+    from xcit.infer.export import name_axes
 
     shapes = {"image": ["s77", 3, "16*s52", "16*s80"], "t": ["s77", "s52*s80 + 1", 64], "logits": ["s77", 10]}
     image, t, logits = (helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in shapes.items())
@@ -120,7 +128,7 @@ def test_export_command_on_a_training_checkpoint(model, tmp_path, caplog):
 @pytest.mark.parametrize("fmt", ["hub", "timm"])
 def test_export_command_hub_and_timm(model, tmp_path, caplog, fmt):
     """A training checkpoint (with its recorded preprocessing) -> hub folder / timm file, checked by the command."""
-    from xcit.config import TrainConfig
+    from xcit.config.train_config import TrainConfig
 
     cfg = TrainConfig(image_resize=32, interpolation="bicubic", crop_pct=0.9, mean=[0.5] * 3, std=[0.5] * 3)
     ckpt = tmp_path / "ckpt.pth"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from xcit.checkpoint import load_checkpoint
-from xcit.config import load_config
-from xcit.train import fit
+from xcit.config.train_config import load_config
+from xcit.runtime.checkpoint import load_checkpoint
+from xcit.train.fit import fit
 
 from .test_data import make_folder
 

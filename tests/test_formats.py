@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from xcit.cli import main
-from xcit.data import build_datasets, train_loader, val_loader
+from xcit.data.pipeline import build_datasets, train_loader, val_loader
 
 from .test_data import cfg_for
 
@@ -195,8 +195,8 @@ def test_xcit_shard_writes_a_folder_as_shards_that_webdataset_and_training_read(
 
 @pytest.mark.slow
 def test_data_benchmark_times_every_format_beside_timm(tmp_path):
-    from xcit import bench_data as B
-    from xcit.bench_formats import bench_formats
+    from xcit.bench import data as B
+    from xcit.bench.formats import bench_formats
 
     folder = B.write_jpegs(tmp_path / "jpegs", n=3, size=(80, 60))
     res = bench_formats(folder, tmp_path / "work", rounds=1)
@@ -222,7 +222,7 @@ def test_sigkills_on_shards_resume_bit_identical(tmp_path, capsys):
 def test_the_tar_header_reader_agrees_with_tarfile(fmt, tmp_path):
     import tarfile
 
-    from xcit.shards import tar_members
+    from xcit.data.shards import tar_members
 
     if fmt == "webdataset":
         path = next((write_wds(tmp_path / "w") / "train").glob("*.tar"))
@@ -243,7 +243,7 @@ def test_the_tar_header_reader_agrees_with_tarfile(fmt, tmp_path):
 
 
 def test_shard_reads_keep_few_files_open(tmp_path, monkeypatch):
-    import xcit.shards as S
+    import xcit.data.shards as S
 
     root = write_wds(tmp_path / "w")  # 18 training samples in 4 shards of 5
     train, _ = build_datasets(cfg_for(root))

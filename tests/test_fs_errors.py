@@ -14,7 +14,7 @@ from PIL import Image
 
 import xcit
 from xcit.cli import main
-from xcit.logging_utils import MetricsLog
+from xcit.train.logs import MetricsLog
 
 from .conftest import perturb_
 
@@ -135,8 +135,8 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
 def test_a_full_disk_names_the_file_being_written(tmp_path):
     import errno
 
-    from xcit.config import load_config, save_config
-    from xcit.fileio import atomic_write
+    from xcit.config.train_config import load_config, save_config
+    from xcit.runtime.fileio import atomic_write
 
     def full(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")  # what write() says on a full disk: no file named

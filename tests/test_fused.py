@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import xcit
-from xcit import cpu, fused
+from xcit.fast import cpu, fused
 
 from .conftest import perturb_
 

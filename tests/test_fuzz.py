@@ -20,9 +20,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import xcit
-from xcit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from xcit.imageio import MAX_PIXELS, ImageError, load_rgb
-from xcit.mindspore_ckpt import MindSporeCheckpointError, read_mindspore_ckpt, timm_to_mindcv, write_mindspore_ckpt
+from xcit.data.imageio import MAX_PIXELS, ImageError, load_rgb
+from xcit.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from xcit.weights.mindspore_ckpt import (
+    MindSporeCheckpointError,
+    read_mindspore_ckpt,
+    timm_to_mindcv,
+    write_mindspore_ckpt,
+)
 
 # XCIT_FUZZ_EXAMPLES=N XCIT_FUZZ_SEED=S runs a longer campaign with other examples (the suite: 60, fixed)
 _CAMPAIGN = os.environ.get("XCIT_FUZZ_EXAMPLES")
@@ -292,7 +297,7 @@ _VALUES = st.recursive(
 
 
 def _config_keys():
-    from xcit.config import KEYS
+    from xcit.config.train_config import KEYS
 
     return st.one_of(st.sampled_from(KEYS), st.text(max_size=12))
 
@@ -300,7 +305,7 @@ def _config_keys():
 def _check_config(make):
     import math
 
-    from xcit.config import ConfigError
+    from xcit.config.train_config import ConfigError
 
     try:
         cfg = make()
@@ -316,7 +321,7 @@ def _check_config(make):
 @FUZZ
 @given(st.dictionaries(st.deferred(_config_keys), _VALUES, max_size=3))
 def test_config_values_give_clean_errors(values):
-    from xcit.config import config_from_dict
+    from xcit.config.train_config import config_from_dict
 
     _check_config(lambda: config_from_dict(values))
 
@@ -327,7 +332,7 @@ def test_config_values_give_clean_errors(values):
 def test_config_yaml_files_give_clean_errors(content):
     import yaml
 
-    from xcit.config import load_config
+    from xcit.config.train_config import load_config
 
     text = content if isinstance(content, str) else yaml.safe_dump(content)
     p = _DIR / "fuzz.yaml"
@@ -339,7 +344,7 @@ def test_config_yaml_files_give_clean_errors(content):
 @FUZZ
 @given(st.lists(st.one_of(st.deferred(_config_keys).map(lambda k: f"--{k}"), st.text(max_size=10)), max_size=4))
 def test_config_flags_give_clean_errors(argv):
-    from xcit.config import load_config
+    from xcit.config.train_config import load_config
 
     try:
         _check_config(lambda: load_config(argv)[0])
@@ -348,7 +353,7 @@ def test_config_flags_give_clean_errors(argv):
 
 
 def test_non_finite_numbers_and_broken_yaml_lists_are_config_errors():
-    from xcit.config import _TYPES, ConfigError, config_from_dict
+    from xcit.config.train_config import _TYPES, ConfigError, config_from_dict
 
     numeric = [k for k, tp in _TYPES.items() if "float" in str(tp)]
     listy = [k for k, tp in _TYPES.items() if any(s in str(tp) for s in ("list", "tuple", "dict"))]
@@ -368,7 +373,7 @@ def test_non_finite_numbers_and_broken_yaml_lists_are_config_errors():
 @given(mutated(IMAGE_SEEDS))
 def test_training_image_folder_skips_or_decodes_broken_files(case):
     """Through the training data path: a broken file is replaced by the good one when read, and named."""
-    from xcit.data import image_folder
+    from xcit.data.pipeline import image_folder
 
     suffix, data = case
     cls = _DIR / "folder" / "a"
@@ -389,8 +394,8 @@ def test_randaugment_extremes_never_raise(policy):
     """Posterize keeps 0 bits at magnitude 10 (increasing variant) or 0 (plain): a black image, not a ValueError."""
     import random
 
-    from xcit.config import config_from_dict
-    from xcit.data import train_transform
+    from xcit.config.train_config import config_from_dict
+    from xcit.data.pipeline import train_transform
 
     transform = train_transform(config_from_dict({"auto_augment": policy, "image_resize": 16, "re_prob": 0.25}))
     image = Image.open(io.BytesIO(IMAGE_SEEDS[".png"])).convert("RGB")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import xcit
-from xcit.hub import export_timm
-from xcit.weights import convert
+from xcit.weights.files import convert
+from xcit.weights.hub import export_timm
 
 from .conftest import perturb_
 
@@ -51,7 +51,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_save_and_from_pretrained_round_trip(model, x, tmp_path):
-    model.save_pretrained(tmp_path / "m")
+    xcit.save_pretrained(model, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["architecture"] == "xcit_nano_12_p16_224"
@@ -72,7 +72,7 @@ def test_save_and_from_pretrained_round_trip(model, x, tmp_path):
 def test_from_pretrained_new_head_and_mindcv_flavour(model, x, tmp_path):
     m = xcit.create_model("xcit_nano_12_p16_224", num_classes=5, img_size=32, flavour="mindcv", **TINY)
     perturb_(m, seed=3).eval()
-    m.save_pretrained(tmp_path / "mc")
+    xcit.save_pretrained(m, tmp_path / "mc")
     loaded = xcit.from_pretrained(tmp_path / "mc")
     assert loaded.flavour == "mindcv"
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_from_pretrained_errors(tmp_path):
 
 def test_timm_loads_saved_folder(model, x, tmp_path):
     """timm's own ``local-dir:`` loader reads the folder: same tensors, same predictions."""
-    model.save_pretrained(tmp_path / "m")
+    xcit.save_pretrained(model, tmp_path / "m")
     t = timm.create_model(f"local-dir:{tmp_path / 'm'}", pretrained=True).eval()
     _same_weights(model, t)
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_torch_hub_entry_points(model, x, tmp_path):
     export_timm(model, path)
     m = torch.hub.load(str(REPO), "xcit_nano_12_p16_224", source="local", pretrained=str(path), img_size=32, **TINY)
     _same_weights(model, m)
-    model.save_pretrained(tmp_path / "m")
+    xcit.save_pretrained(model, tmp_path / "m")
     m2 = torch.hub.load(str(REPO), "from_pretrained", source="local", name_or_path=str(tmp_path / "m"))
     with torch.no_grad():
         assert torch.equal(m2(x), model(x))

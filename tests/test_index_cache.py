@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import xcit.formats
-from xcit.data import build_datasets
+import xcit.data.formats
+from xcit.data.pipeline import build_datasets
 
 from .test_data import cfg_for, make_folder
 
@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _count_listings(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = xcit.formats.list_folder
-    monkeypatch.setattr(xcit.formats, "list_folder", lambda root, *a: calls.append(Path(root).name) or real(root, *a))
+    real = xcit.data.formats.list_folder
+    monkeypatch.setattr(
+        xcit.data.formats, "list_folder", lambda root, *a: calls.append(Path(root).name) or real(root, *a)
+    )
     return calls
 
 
@@ -49,13 +51,13 @@ def test_the_index_is_cached_and_listed_again_only_when_the_tree_changes(tmp_pat
 
 PROBE = """
 import os, sys
-import xcit.formats
-real = xcit.formats.list_folder
+import xcit.data.formats
+real = xcit.data.formats.list_folder
 def probe(root, *args):
     with open(os.path.join(sys.argv[1], "listed." + os.environ.get("RANK", "0")), "a") as f:
         f.write(str(root) + "\\n")
     return real(root, *args)
-xcit.formats.list_folder = probe
+xcit.data.formats.list_folder = probe
 from xcit.cli import main
 sys.exit(main(sys.argv[2:]))
 """

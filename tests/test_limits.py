@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import xcit
-from xcit.checkpoint import save_checkpoint
 from xcit.cli import main
+from xcit.runtime.checkpoint import save_checkpoint
 
 NAME = "xcit_nano_12_p16_224"
 KW = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10, img_size=32)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import xcit
-from xcit.mindspore_ckpt import (
+from xcit.weights.mindspore_ckpt import (
     _Checkpoint,
     mindcv_to_timm,
     read_mindspore_ckpt,

@@ -3,7 +3,7 @@
 ``tests/fixtures/mindcv/optimizers.npz`` holds five steps of each optimiser that MindCV 0.3.0's ``create_optimizer``
 builds (``scripts/make_mindcv_train_fixture.py --what optim``: train.py's arguments, a per-step lr list, weight decay
 0.1 with the ``norm_and_bias`` filter, momentum 0.9, eps 1e-10) on a (4, 3) weight and a (3,) bias with fixed
-gradients, in MindSpore on the CPU. The same parameters go through ``xcit.optim.param_groups`` and
+gradients, in MindSpore on the CPU. The same parameters go through ``xcit.train.optim.param_groups`` and
 ``create_optimizer`` here. Two cases cannot come from MindSpore's CPU build and are checked against MindSpore's
 documented formula instead: ``nn.Lamb`` (its kernel exists on Ascend and GPU only) and ``nn.Momentum`` with
 ``use_nesterov`` (the CPU kernel ignores the flag: the fixture equals plain momentum).
@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from xcit.config import ConfigError, config_from_dict
-from xcit.optim import create_optimizer, param_groups
+from xcit.config.train_config import ConfigError, config_from_dict
+from xcit.train.optim import create_optimizer, param_groups
 
 from .conftest import needs_mindcv, run_mindcv_fixture_script
 from .test_mindcv import FIXTURES
@@ -70,7 +70,7 @@ def test_matches_mindcv(case):
 
 
 def test_every_opt_key_is_covered():
-    from xcit.config import OPTIMIZERS
+    from xcit.config.train_config import OPTIMIZERS
 
     covered = {c.split("_")[0] for c in META["cases"]}
     assert set(OPTIMIZERS) <= covered
@@ -118,7 +118,7 @@ def test_eps_reaches_rmsprop_only():
 
 
 def test_an_unused_eps_is_noticed():
-    from xcit.config import notices
+    from xcit.config.train_config import notices
 
     cfg = config_from_dict({"opt": "adamw", "eps": 1e-6})
     assert any("eps: 1e-06 is not used" in line and "1e-08" in line for line in notices(cfg, {"eps"}))

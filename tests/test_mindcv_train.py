@@ -5,7 +5,7 @@
 10 classes) trained with MindCV's ``create_loss`` (CE, label smoothing 0.1), ``create_scheduler`` (1 warm-up epoch
 from 0, then cosine decay), ``create_optimizer`` (AdamW, weight decay 0.05 on all but norms, biases and LayerScale)
 and ``create_trainer``'s ``TrainStep`` (fixed loss scale 1024, EMA 0.99996 with MindCV's warm-up), 4 batches of 4 per
-epoch for 5 epochs, augmentation off, fp32 on the CPU. The same keys here go through ``xcit.train``'s own builders
+epoch for 5 epochs, augmentation off, fp32 on the CPU. The same keys here go through ``xcit.train.fit``'s own builders
 and ``train_one_epoch``.
 
 Tolerances: both runs compute the same fp32 formulas with different kernels (oneDNN here, MindSpore's CPU kernels
@@ -31,11 +31,11 @@ import numpy as np
 import pytest
 import torch
 
-from xcit.config import TrainConfig, config_from_dict
-from xcit.ema import ModelEma
-from xcit.losses import Criterion
-from xcit.mindspore_ckpt import mindcv_to_timm
-from xcit.train import Run, StepOptions, build_model, build_optimizer, train_one_epoch
+from xcit.config.train_config import TrainConfig, config_from_dict
+from xcit.train.ema import ModelEma
+from xcit.train.fit import Run, StepOptions, build_model, build_optimizer, train_one_epoch
+from xcit.train.losses import Criterion
+from xcit.weights.mindspore_ckpt import mindcv_to_timm
 
 from .conftest import needs_mindcv, run_mindcv_fixture_script
 from .test_mindcv import FIXTURES

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import xcit
-from xcit.pyramid import XCiTPyramid
+from xcit.model.pyramid import XCiTPyramid
 
 from .conftest import perturb_
 
@@ -32,7 +32,7 @@ def test_all_28_variants_have_timm_param_counts():
 def test_timm_parity(name, tmp_path):
     ref, ours = _timm_pair(name)
     # the same weights, saved in the official release's layout and read back through load_weights
-    official = xcit.weights.timm_to_official(ref.state_dict())
+    official = xcit.weights.files.timm_to_official(ref.state_dict())
     assert "pos_embeder.token_projection.weight" in official and "cls_attn_blocks.0.attn.qkv.weight" in official
     torch.save({"model": official}, tmp_path / "official.pth")
     from_official = xcit.create_model(name, pretrained=tmp_path / "official.pth").eval()
@@ -89,7 +89,7 @@ def test_low_precision_no_nan_and_close(dtype, tiny_kwargs):
 
 
 def test_xca_zero_input_fp16_no_nan():
-    attn = xcit.model.XCA(32, 2)
+    attn = xcit.model.xcit.XCA(32, 2)
     attn.qkv.bias.data.zero_()
     x = torch.zeros(1, 16, 32, dtype=torch.float16)
     with torch.no_grad():
@@ -208,7 +208,7 @@ def test_xca_low_precision_cpu_layout_matches_fp32(dtype):
     """CPU bf16/fp16 take their own GEMM layouts for q^T k and the channel mixing: same values as fp32 on the same
     (rounded) inputs, with batch, heads, head dim and tokens all different so that a transposed index shows."""
     g = torch.Generator().manual_seed(3)
-    attn = perturb_(xcit.model.XCA(24, 3), 3).eval()
+    attn = perturb_(xcit.model.xcit.XCA(24, 3), 3).eval()
     attn.temperature.data = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
     x = torch.randn(2, 10, 24, generator=g).to(dtype)
     shortcut, gamma = torch.randn(2, 10, 24, generator=g).to(dtype), torch.rand(24, generator=g)
@@ -228,9 +228,9 @@ def test_token_norms_stay_fp32_under_compile_and_autocast():
     (Eager squares bf16 inputs in bf16, then sums in fp32: 2^-9 relative at most per square.)"""
     t = torch.randn(3, 200, 16, generator=torch.Generator().manual_seed(4)).bfloat16()
     want = t.float().square().sum(dim=1).sqrt()
-    compiled = torch.compile(xcit.fastpath.column_norms, fullgraph=True)
+    compiled = torch.compile(xcit.fast.fastpath.column_norms, fullgraph=True)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        eager, graph = xcit.fastpath.column_norms(t), compiled(t)
+        eager, graph = xcit.fast.fastpath.column_norms(t), compiled(t)
     assert eager.dtype == graph.dtype == torch.float32
     torch.testing.assert_close(graph, want, rtol=1e-5, atol=0)
     torch.testing.assert_close(eager, want, rtol=2**-9, atol=0)

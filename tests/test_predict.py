@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import xcit
-from xcit.checkpoint import save_checkpoint
-from xcit.commands import predict as predict_cmd
-from xcit.config import TrainConfig
-from xcit.data import build_datasets, val_loader
-from xcit.demo import write_digits
-from xcit.predict import class_names, imagenet_class_names, load_model
+from xcit.cli import predict as predict_cmd
+from xcit.config.train_config import TrainConfig
+from xcit.data.demo import write_digits
+from xcit.data.pipeline import build_datasets, val_loader
+from xcit.infer.predict import class_names, imagenet_class_names, load_model
+from xcit.runtime.checkpoint import save_checkpoint
 
 from .conftest import perturb_
 
@@ -92,7 +92,7 @@ def test_predict_matches_validation_path(checkpoint, digits, capsys):
 
 def test_predict_top1_equals_validate(checkpoint, digits, capsys):
     """`xcit validate`'s top-1 on the val split equals the accuracy of predict's top-1 on the same files."""
-    evaluate = pytest.importorskip("xcit.evaluate")
+    evaluate = pytest.importorskip("xcit.train.evaluate")
     path, cfg, _, _ = checkpoint
     result = evaluate.validate(replace(cfg, ckpt_path=str(path)))
     doc = _predict_json([str(digits / "val"), "--pretrained", str(path)], capsys)
@@ -125,7 +125,7 @@ def test_imagenet_names_and_bad_files(digits, tmp_path, capsys):
     names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench, Tinca tinca" and names[207] == "golden retriever"
     m = xcit.create_model(ARCH, num_classes=1000, **OVERRIDES)
-    m.save_pretrained(tmp_path / "m")
+    xcit.save_pretrained(m, tmp_path / "m")
     folder = tmp_path / "imgs"
     folder.mkdir()
     good = sorted((digits / "val" / "1").iterdir())[:3]
@@ -170,7 +170,7 @@ class _Reads:
 def test_a_training_checkpoint_is_read_once_per_command(checkpoint, digits, capsys, monkeypatch):
     """predict and validate open a training checkpoint once and torch.load it once (its checksum checked on the
     way), instead of once for the metadata, once for the checksum and once for the weights."""
-    evaluate = pytest.importorskip("xcit.evaluate")
+    evaluate = pytest.importorskip("xcit.train.evaluate")
     path, cfg, _, _ = checkpoint
     reads = _Reads(monkeypatch, path)
     _predict_json([str(digits / "val"), "--pretrained", str(path)], capsys)

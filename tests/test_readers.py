@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from xcit.data import build_datasets, image_folder
-from xcit.readers import list_folder
+from xcit.data.pipeline import build_datasets, image_folder
+from xcit.data.readers import list_folder
 
 from .test_data import cfg_for, make_folder
 

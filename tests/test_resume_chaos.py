@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from xcit.checkpoint import load_checkpoint, verify_checkpoint
-from xcit.demo import write_digits
+from xcit.data.demo import write_digits
+from xcit.runtime.checkpoint import load_checkpoint, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("chaos_resume", ROOT / "scripts" / "chaos_resume.py")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from xcit.config import ConfigError, load_config
-from xcit.runlock import LOCK_NAME, RunLock
-from xcit.train import fit
+from xcit.config.train_config import ConfigError, load_config
+from xcit.train.fit import fit
+from xcit.train.runlock import LOCK_NAME, RunLock
 
 from .test_data import make_folder
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from xcit.sampler import ResumableSampler, SeededDataset
+from xcit.data.sampler import ResumableSampler, SeededDataset
 
 
 def test_order_is_a_function_of_seed_and_epoch():

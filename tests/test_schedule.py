@@ -13,10 +13,10 @@ import re
 import pytest
 import torch
 
-from xcit.config import ConfigError, load_config
-from xcit.demo import write_digits
-from xcit.schedule import LRSchedule
-from xcit.train import fit
+from xcit.config.train_config import ConfigError, load_config
+from xcit.data.demo import write_digits
+from xcit.train.fit import fit
+from xcit.train.schedule import LRSchedule
 
 from .conftest import needs_mindcv, run_mindcv_fixture_script
 from .test_mindcv import FIXTURES

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from xcit import threads
-from xcit.threads import CpuThreads, available_cpus, cgroup_quota
+from xcit.runtime import threads
+from xcit.runtime.threads import CpuThreads, available_cpus, cgroup_quota
 
 
 def test_cgroup_v2_and_v1_quotas(tmp_path):
@@ -70,7 +70,7 @@ def test_xcit_threads_fixes_the_count(monkeypatch):
 
 
 def test_benchmark_warns_when_its_rounds_were_starved():
-    from xcit.bench_checks import starvation_warnings
+    from xcit.bench.checks import starvation_warnings
 
     (line,) = starvation_warnings(1.0, 2, 2)
     assert "other processes kept 1.0 of 2 CPU(s) busy while 2 threads ran" in line and "--threads 1" in line

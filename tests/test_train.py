@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import xcit
-from xcit.checkpoint import load_checkpoint
-from xcit.config import ConfigError, load_config
-from xcit.demo import DEMO_RECIPE, write_digits
-from xcit.ema import ModelEma
-from xcit.optim import param_groups
-from xcit.train import TrainingDiverged, fit
+from xcit.config.train_config import ConfigError, load_config
+from xcit.data.demo import DEMO_RECIPE, write_digits
+from xcit.runtime.checkpoint import load_checkpoint
+from xcit.train.ema import ModelEma
+from xcit.train.fit import TrainingDiverged, fit
+from xcit.train.optim import param_groups
 
 from .test_data import add_bad_files, make_folder
 
@@ -171,7 +171,7 @@ def test_resume_after_epoch_one_and_mid_epoch_is_bit_exact(tmp_path):
 
 
 def test_grad_checkpointing_key_trains_the_same_model(tmp_path):
-    from xcit.train import build_model
+    from xcit.train.fit import build_model
 
     data = write_digits(tmp_path / "digits", classes=3, per_class=8)
     recipe = [*TINY, *FAST, "--data_dir", str(data), "--batch_size", "6", "--seed", "5", "--epoch_size", "1"]
@@ -201,7 +201,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_validate_refuses_missing_weights_and_other_classes(tmp_path):
-    from xcit.commands.validate import main
+    from xcit.cli.validate import main
 
     root = make_folder(tmp_path / "ds", per_class=4)
     out = tmp_path / "out"
@@ -232,7 +232,7 @@ def test_validate_refuses_missing_weights_and_other_classes(tmp_path):
 
 
 def test_fine_tune_from_pretrained_resets_the_head(tmp_path, caplog):
-    from xcit.train import build_model
+    from xcit.train.fit import build_model
 
     three, four = make_folder(tmp_path / "three", per_class=4), make_folder(tmp_path / "four", ("a", "b", "c", "d"))
     cfg, _ = load_config(["--data_dir", str(three), "--ckpt_save_dir", str(tmp_path / "a"), *TINY, *FAST])
@@ -308,7 +308,7 @@ def test_config_errors_surface_before_training(tmp_path):
 def test_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
     """Resuming (from a named checkpoint, or the newest one by recorded progress) reads the checkpoint's bytes once:
     one full torch.load and one checksum pass, where it used to be two loads and up to three checksum passes."""
-    import xcit.checkpoint as ckpt_mod
+    import xcit.runtime.checkpoint as ckpt_mod
 
     data = write_digits(tmp_path / "digits", classes=3, per_class=6)
     recipe = [*TINY, *FAST, "--data_dir", str(data), "--batch_size", "6", "--val_while_train", "False"]

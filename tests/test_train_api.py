@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import xcit
-from xcit.config import load_config
-from xcit.errors import ConfigError
+from xcit.config.train_config import load_config
+from xcit.runtime.errors import ConfigError
 
 from .test_data import make_folder
 
@@ -37,7 +37,7 @@ def test_a_bad_key_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_xcit_train_stays_the_module_too():
-    from xcit.train import fit
+def test_xcit_train_stays_the_package_too():
+    from xcit.train.fit import fit
 
-    assert xcit.train.fit is fit and callable(xcit.train)
+    assert xcit.train.fit.fit is fit and callable(xcit.train)

@@ -12,7 +12,7 @@ import torch
 
 import xcit
 from xcit.cli import main
-from xcit.weights import SUPPORTED
+from xcit.weights.files import SUPPORTED
 
 from .conftest import perturb_
 
@@ -37,7 +37,7 @@ def _is_safetensors(path) -> bool:
 
 @pytest.mark.parametrize("to", ["timm", "official"])
 def test_convert_to_timm_or_official_with_safetensors_name_writes_safetensors(weights, tmp_path, to):
-    from xcit.hub import timm_model
+    from xcit.weights.hub import timm_model
 
     model, src = weights
     dst = tmp_path / f"out_{to}.safetensors"
@@ -78,7 +78,7 @@ def test_missing_export_extra_is_one_line_naming_it(weights, tmp_path, monkeypat
 
 
 def test_missing_hub_package_names_the_extra(monkeypatch, capsys, tmp_path):
-    from xcit.cli import error_line
+    from xcit.cli.main import error_line
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError) as e:
@@ -166,7 +166,7 @@ def test_bad_auto_augment_names_the_part(tmp_path, capsys, spec, named):
      "augmix", "augmix-m5-w4-d2", "augmix-m5-a1.0-b1-mstd0.5", "trivialaugwide-m20"],
 )  # fmt: skip
 def test_every_timm_and_mindcv_spelling_is_accepted(spec):
-    from xcit.config import load_config
+    from xcit.config.train_config import load_config
 
     assert load_config(["--auto_augment", spec])[0].auto_augment == spec
 
@@ -174,7 +174,7 @@ def test_every_timm_and_mindcv_spelling_is_accepted(spec):
 def test_tensorboard_missing_is_one_notice(tmp_path, caplog, monkeypatch):
     import logging
 
-    from xcit.logging_utils import MetricsLog
+    from xcit.train.logs import MetricsLog
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without tensorboard installed
     with caplog.at_level(logging.INFO, logger="xcit"):
@@ -230,7 +230,7 @@ def test_validate_help_lists_only_what_validate_reads(capsys, tmp_path):
     assert "--ckpt_path" in text and "--val_split" in text and "--crop_pct" in text
     for key in ("--opt ", "--mixup ", "--lr ", "--warmup_epochs", "--epoch_size", "--auto_augment"):
         assert key not in text, key
-    from xcit.config import load_config
+    from xcit.config.train_config import load_config
 
     assert load_config(["--opt", "sgd"], prog="xcit validate", keys=frozenset())[0].opt == "sgd"  # still accepted
 
@@ -261,7 +261,7 @@ def _bench_result(ours_ms, timm_ms, fraction=0.5):
 
 
 def test_benchmark_warns_when_rounds_disagree_and_says_how_many_rounds():
-    from xcit.bench_checks import check, rounds_needed
+    from xcit.bench.checks import check, rounds_needed
 
     steady = _bench_result([10.0, 10.1, 9.9, 10.0], [12.0, 12.1, 11.9, 12.0])
     assert check(steady) == []
@@ -273,7 +273,7 @@ def test_benchmark_warns_when_rounds_disagree_and_says_how_many_rounds():
 
 
 def test_benchmark_warns_when_the_measured_peak_is_below_the_run():
-    from xcit.bench_checks import check
+    from xcit.bench.checks import check
 
     (line,) = [w for w in check(_bench_result([10.0] * 3, [11.0] * 3, fraction=1.151)) if "ours" in w]
     assert "115% of the measured fp32 GEMM peak (100 GFLOP/s)" in line and "not meaningful" in line
@@ -290,9 +290,9 @@ def test_mid_epoch_resume_reports_the_whole_epochs_loss_and_csv_counts_from_one(
     import json
     import logging
 
-    from xcit.config import load_config
-    from xcit.demo import write_digits
-    from xcit.train import fit
+    from xcit.config.train_config import load_config
+    from xcit.data.demo import write_digits
+    from xcit.train.fit import fit
 
     data = write_digits(tmp_path / "digits", classes=3, per_class=10)  # 24 train images: 4 steps of 6
     recipe = ["--model", NAME, "--model_overrides", "{embed_dim: 32, depth: 1, num_heads: 2}", "--image_resize", "16",
@@ -348,7 +348,7 @@ def _visible_ticks(ax, axis="y"):
 
 
 def test_sweep_plot_over_a_short_range_has_readable_log_ticks(tmp_path, saved_figures):
-    from xcit.bench_sweep import plot_sweep
+    from xcit.bench.sweep import plot_sweep
 
     pts = [{"tokens": t, "img_size": s, "ms_per_image": m, "peak_memory_mib_per_image": p}
            for t, s, m, p in ((196, 224, 9.0, 3.1), (256, 256, 11.5, 3.9))]  # fmt: skip
@@ -361,7 +361,7 @@ def test_sweep_plot_over_a_short_range_has_readable_log_ticks(tmp_path, saved_fi
 
 
 def test_one_epoch_metrics_plot_has_no_negative_top1_ticks(tmp_path, saved_figures):
-    from xcit.logging_utils import MetricsLog
+    from xcit.train.logs import MetricsLog
 
     m = MetricsLog(tmp_path, tensorboard=False)
     m.add({"epoch": 0, "step": 5, "train_loss": 2.0, "lr": 1e-3, "val_loss": 1.9, "top1": 0.0, "top5": 50.0})

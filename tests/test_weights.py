@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import xcit
-from xcit.weights import WeightsError, official_to_timm, strip_prefixes, timm_to_official
+from xcit.weights.files import WeightsError, official_to_timm, strip_prefixes, timm_to_official
 
 from .conftest import perturb_
 
@@ -123,7 +123,7 @@ def test_truncated_and_garbage_files_name_the_file(model, tmp_path, suffix):
         save_file(model.state_dict(), str(full))
     elif suffix == ".ckpt":
         pytest.importorskip("google.protobuf")
-        from xcit.mindspore_ckpt import timm_to_mindcv, write_mindspore_ckpt
+        from xcit.weights.mindspore_ckpt import timm_to_mindcv, write_mindspore_ckpt
 
         write_mindspore_ckpt(full, timm_to_mindcv(model.state_dict()))
     else:
@@ -174,7 +174,7 @@ def test_convert_mindcv_ckpt_keeps_flavour_and_round_trips(tmp_path):
     import numpy as np
 
     from xcit.cli import main
-    from xcit.mindspore_ckpt import read_mindspore_ckpt
+    from xcit.weights.mindspore_ckpt import read_mindspore_ckpt
 
     stem = os.path.join(os.path.dirname(__file__), "fixtures", "mindcv", "xcit_small_fixture")
     data = np.load(stem + ".npz")

@@ -1,0 +1,1 @@
+"""The benchmark: throughput against timm, CPU paths, data pipelines and formats."""

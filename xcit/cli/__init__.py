@@ -1,0 +1,5 @@
+"""The ``xcit`` command: the entry point and one module per command."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,1 +1,0 @@
-"""One module per ``xcit`` command, each exposing ``main(argv) -> int``."""

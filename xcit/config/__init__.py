@@ -1,0 +1,1 @@
+"""The training config: typed keys with defaults, MindCV recipe files, option parsing."""

@@ -1,0 +1,1 @@
+"""Faster forwards for the model's modules: the CPU family choice, fused oneDNN kernels and the fast paths."""

@@ -1,0 +1,1 @@
+"""Inference: predictions and their results files, attention maps, export."""
