@@ -1,5 +1,6 @@
 """``xcit benchmark`` runs and writes the documented JSON fields. No timing is asserted anywhere."""
 
+import dataclasses
 import json
 
 import pytest
@@ -165,19 +166,58 @@ def test_data_command_says_whether_training_waits_for_data(tmp_path, capsys):
     assert "one core prepares the batch in" in capsys.readouterr().out
 
 
-def test_agreement_on_an_image_folder(tmp_path, capsys):
+def _always_c(tmp_path):
+    """A 3-class checkpoint (classes a, b, c recorded) whose head always answers c, and a dataset root whose val
+    split holds only b and c: folder order would call c class 1."""
     from PIL import Image
 
-    for c in ("a", "b"):
-        (tmp_path / c).mkdir()
-        for i in range(2):
-            Image.new("RGB", (40, 40), (60 * i, 100, 20)).save(tmp_path / c / f"{i}.png")
+    import xcit
+
+    model = xcit.create_model(NANO, embed_dim=32, depth=2, num_heads=2, num_classes=3, img_size=32)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    path = tmp_path / "always_c.pth"  # as xcit train records a model: its architecture and class names
+    torch.save({"model": model.state_dict(), "arch": NANO, "model_config": dataclasses.asdict(model.cfg),
+                "classes": ["a", "b", "c"]}, path)  # fmt: skip
+    for split, classes in (("train", "abc"), ("val", "bc")):
+        for c in classes:
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 40), (60 * i, 100, 20)).save(tmp_path / "data" / split / c / f"{i}.png")
+    return path, tmp_path / "data"
+
+
+def _agreement(argv, tmp_path) -> dict:
     out = tmp_path / "agree.json"
-    argv = ["benchmark", "--agreement", str(tmp_path), "--model", NANO, "--img-size", "32", "--threads", "1"]
-    assert main([*argv, "--results_file", str(out)]) == 0
-    res = json.loads(out.read_text())["agreement"]
-    assert res["images"] == 4 and set(res["agreement_with_fp32"]) == {"bf16", "fp16"}
-    assert all(0.0 <= v <= 1.0 for v in res["agreement_with_fp32"].values())
+    assert main(["benchmark", *argv, "--img-size", "32", "--threads", "1", "--results_file", str(out)]) == 0
+    return json.loads(out.read_text())["agreement"]
+
+
+def test_agreement_labels_classes_as_validate_does(tmp_path, capsys):
+    weights, data = _always_c(tmp_path)
+    argv = ["--agreement", str(data / "val"), "--pretrained", str(weights)]
+    assert main(["benchmark", *argv, "--img-size", "32"]) == 2  # validate refuses a split that lacks classes
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not hold the checkpoint's classes" in err
+    res = _agreement([*argv, "--ignore-class-mismatch", "True"], tmp_path)
+    assert res["images"] == 6 and res["top1"]["fp32"] == 0.5  # the 3 c images are right, as validate scores them
+    assert set(res["agreement_with_fp32"]) == {"bf16", "fp16"}
+    vargs = ["--data_dir", str(data), "--ckpt_path", str(weights), "--image_resize", "32"]
+    result = tmp_path / "val.json"
+    assert main(["validate", *vargs, "--ignore_class_mismatch", "True", "--results_file", str(result)]) == 0
+    assert json.loads(result.read_text())["top1"] == 100 * res["top1"]["fp32"]
+    root = _agreement(["--agreement", str(data), "--pretrained", str(weights), "--ignore-class-mismatch", "True"],
+                      tmp_path)  # fmt: skip
+    assert root["images"] == 6 and root["folder"] == str((data / "val").resolve())  # a root: its val split
+
+
+def test_agreement_refuses_random_weights_and_a_file(tmp_path, capsys):
+    weights, data = _always_c(tmp_path)
+    assert main(["benchmark", "--agreement", str(data / "val")]) == 2
+    assert main(["benchmark", "--agreement", str(weights), "--pretrained", str(weights)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "needs --pretrained" in err[0] and "not a folder" in err[1] and len(err) == 2
 
 
 @pytest.mark.gpu

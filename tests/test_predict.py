@@ -83,7 +83,7 @@ def test_predict_matches_validation_path(checkpoint, digits, capsys):
         [by_path[p["path"]]["prob"] for p in low["predictions"]], abs=2e-2
     )  # bf16 autocast: the same probabilities to bf16's precision
 
-    raw = _predict_json([str(digits / "val"), "--pretrained", str(path), "--no-ema"], capsys)
+    raw = _predict_json([str(digits / "val"), "--pretrained", str(path), "--ema", "False"], capsys)
     _, raw_logits = _validation_logits(cfg, model)
     assert [p["topk"][0]["prob"] for p in raw["predictions"]] == pytest.approx(
         raw_logits.softmax(-1).max(-1).values.tolist(), abs=1e-5

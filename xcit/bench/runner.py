@@ -373,7 +373,8 @@ def build_pair(
     """Our model and, with ``compare="timm"``, timm's with the very same weights."""
     import xcit
 
-    ours = xcit.create_model(name, pretrained=pretrained, **overrides).to(device)
+    # EMA weights when the file has them, every command's rule (speed does not depend on which)
+    ours = xcit.create_model(name, pretrained=pretrained, use_ema=None, **overrides).to(device)
     models = {"ours": ours}
     if compare == "timm":
         import timm

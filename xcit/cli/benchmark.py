@@ -30,6 +30,7 @@ from ..bench import sweep as S
 from ..bench.checks import check, round_ratios, rounds_needed, starvation_warnings
 from ..config.options import Parser
 from ..runtime.threads import CpuThreads
+from ._args import add_ema_argument, check_device, ema_flag
 
 log = logging.getLogger("xcit")
 
@@ -73,8 +74,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--agreement",
         default=None,
         metavar="DIR",
-        help="top-1 agreement of bf16/fp16 with fp32 on an ImageFolder split (use with --pretrained)",
+        help="top-1 agreement of bf16/fp16 with fp32 on a split (DATA_DIR/val or DATA_DIR; use with --pretrained),\n"
+        "labelled as `xcit validate` labels it",
     )
+    p.add_argument(
+        "--ignore_class_mismatch",
+        "--ignore-class-mismatch",
+        type=ema_flag,
+        default=False,
+        metavar="{True,False}",
+        help="--agreement: score the checkpoint's classes present in the split, as validate's flag",
+    )
+    add_ema_argument(p)
     p.add_argument(
         "--cpu-paths",
         action="store_true",
@@ -178,30 +189,6 @@ def loader_share(args: argparse.Namespace, img_per_s_per_core: float) -> dict:
     return share
 
 
-def agreement(folder: str, name: str, pretrained: str | None, device: str, batch: int, img_size: int | None) -> dict:
-    """Top-1 agreement of bf16 and fp16 autocast with fp32 over an ImageFolder split (eval transform)."""
-    from torch.utils.data import DataLoader
-    from torchvision.datasets import ImageFolder
-
-    from ..infer.predict import eval_preprocessing, eval_transform, load_model
-
-    model = load_model(name, pretrained).to(device).eval()  # a training checkpoint rebuilds its own architecture
-    ds = ImageFolder(folder, transform=eval_transform(eval_preprocessing(model, img_size)))
-    preds: dict[str, list[torch.Tensor]] = {p: [] for p in B.PRECISIONS}
-    labels = []
-    with torch.inference_mode():
-        for x, y in DataLoader(ds, batch_size=batch):
-            labels.append(y)
-            for p, dtype in B.PRECISIONS.items():
-                with B.autocast(torch.device(device), dtype):
-                    preds[p].append(model(x.to(device)).float().argmax(-1).cpu())
-    top1 = {p: torch.cat(v) for p, v in preds.items()}
-    y = torch.cat(labels)
-    out = {"folder": folder, "images": len(y), "top1": {p: float((v == y).float().mean()) for p, v in top1.items()}}
-    out["agreement_with_fp32"] = {p: float((v == top1["fp32"]).float().mean()) for p, v in top1.items() if p != "fp32"}
-    return out
-
-
 def cpu_paths(name: str, batch: int, rounds: int, iters: int) -> dict:
     """:func:`xcit.bench.cpu_paths.measure`, printed: every switch's on/off ratio here, and the op-level times."""
     from ..bench import cpu_paths as cpu_bench
@@ -222,8 +209,20 @@ def cpu_paths(name: str, batch: int, rounds: int, iters: int) -> dict:
     return res
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """One line for counts that cannot be measured (a batch of 0 fails in a reshape, 0 rounds has no median)."""
+    for flag, least in (("batch", 1), ("iters", 1), ("rounds", 1), ("warmup", 0), ("data_images", 1)):
+        value = getattr(args, flag)
+        if value < least:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: give {least} or more")
+    if args.agreement and not args.pretrained:
+        raise ValueError("--agreement needs --pretrained WEIGHTS (random weights agree with nothing)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    check_counts(args)
+    args.device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None and not (args.agreement and args.pretrained):
@@ -245,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         results["cpu_paths"] = cpu_paths(args.model, args.batch, args.rounds, args.iters)
     elif args.agreement:
         size = args.img_size if args.img_size != 224 else None  # default: the checkpoint's own resolution
-        res = agreement(args.agreement, args.model, args.pretrained, args.device, args.batch, size)
+        from ..bench.agreement import agreement
+
+        res = agreement(args.agreement, args.pretrained, args.model, args.device, args.batch, size, args.ema,
+                        args.ignore_class_mismatch)  # fmt: skip
         results["agreement"] = res
         print(f"{res['images']} images: top-1 " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res["top1"].items()))
         print("agreement with fp32: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res["agreement_with_fp32"].items()))

@@ -16,7 +16,7 @@ from ..infer.results import FORMATS as RESULT_FORMATS
 from ..infer.results import results_format, write_results
 from ..runtime.fileio import check_writable_dir
 from ..runtime.precision import PRECISIONS
-from ._args import add_weights_arguments
+from ._args import add_weights_arguments, check_device
 
 log = logging.getLogger("xcit")
 
@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.topk < 0:  # topk(-1) would fail deep in torch; 0 is allowed and writes the files with no classes
+        raise ValueError(f"--topk {args.topk}: give 0 or more classes per image")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: give 1 or more images per forward pass")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else check_device(args.device)
     if args.results_file:  # a folder that cannot be written fails now, not after the predictions
         check_writable_dir(Path(args.results_file).resolve().parent, "results file")
     model = load_model(args.model, args.pretrained, use_ema=args.ema)
@@ -66,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         log.error("no images found in %s", " ".join(args.inputs))
         return 1
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     progress = any(Path(p).is_dir() for p in args.inputs)
     amp = PRECISIONS[args.precision]
     results, errors = predict(

@@ -11,6 +11,7 @@ from ..config.train_config import ConfigError, load_config
 from ..runtime.checkpoint import CheckpointError
 from ..runtime.preemption import Preempted, StopSignal, exit_on_peer_failure, is_peer_failure
 from ..weights.files import WeightsError
+from ._args import check_device_target
 
 log = logging.getLogger("xcit")
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("demo: scikit-learn digits as an ImageFolder in %s", cfg.data_dir)
         if not cfg.data_dir:
             raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset (or run without a config)")
+        check_device_target(cfg.device_target)
     except ConfigError as e:
         print(f"xcit train: error: {e}", file=sys.stderr)
         return 2

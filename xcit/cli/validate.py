@@ -11,6 +11,7 @@ from ..config.train_config import ConfigError, load_config
 from ..runtime.checkpoint import CheckpointError
 from ..runtime.fileio import check_writable_dir
 from ..weights.files import WeightsError
+from ._args import check_device_target
 
 log = logging.getLogger("xcit")
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, explicit = load_config(argv, prog="xcit validate", description=DESCRIPTION, keys=VALIDATE_KEYS)
         if not cfg.data_dir:
             raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset")
+        check_device_target(cfg.device_target)
         if cfg.results_file:  # fails now, not after validating
             check_writable_dir(Path(cfg.results_file).resolve().parent, "results file")
         validate(cfg, explicit)

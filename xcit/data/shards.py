@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,3 +259,62 @@ def write_shards(source, out_dir: Path, split: str, max_size: int, seed: int = 0
                         "json": {"path": rel}})  # fmt: skip
         shards = sink.shard
     return {"split": split, "images": len(source), "shards": shards}
+
+
+# ``xcit shard`` writes a new set beside the old one in a hidden folder, then swaps (never into a folder in use)
+STAGING_PREFIX = ".xcit-shard-"
+
+
+def shard_set(out_dir: Path) -> list[Path]:
+    """What makes up a shard set in ``out_dir``: ``classes.json``, ``_info.json``, loose ``*.tar`` and every visible
+    sub-folder holding ``.tar`` files (a split). Empty for a missing or shard-free folder."""
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for p in sorted(out_dir.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir() and any(p.glob("*.tar")):
+            found.append(p)
+        elif p.is_file() and (p.suffix == ".tar" or p.name in ("classes.json", "_info.json")):
+            found.append(p)
+    return found
+
+
+def check_split_folders(out_dir: Path, splits: list[str]) -> None:
+    """Refuse to replace an ``out_dir/<split>`` that holds anything but shards (an image folder, say): replacing it
+    would delete those files."""
+    for split in splits:
+        folder = out_dir / split
+        if folder.is_dir():
+            other = [p.name for p in folder.iterdir() if not (p.is_file() and p.suffix == ".tar")]
+            if other:
+                raise ValueError(f"{folder} holds files that are not shards ({', '.join(sorted(other)[:5])}); "
+                                 f"write the shards to another folder")  # fmt: skip
+
+
+def staging_folder(out_dir: Path) -> Path:
+    """A fresh hidden folder in ``out_dir`` for a new shard set (readers never look at hidden folders); folders
+    left by an interrupted earlier run are removed first."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(STAGING_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "new-", dir=out_dir))
+
+
+def swap_in(out_dir: Path, staged: Path) -> None:
+    """Replace ``out_dir``'s shard set (:func:`shard_set`) by the complete set in ``staged``.
+
+    The old set is first moved aside into a hidden folder, then the new one is moved in, with one ``rename`` per
+    split folder (instant on one file system): the two sets never mix. An interrupted swap leaves the old set
+    whole in ``.xcit-shard-old-*``, which no reader looks at (and the next run removes); ``classes.json`` moves
+    last, so a set without it is an incomplete one.
+    """
+    old = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX + "old-", dir=out_dir))
+    for p in shard_set(out_dir):
+        os.replace(p, old / p.name)
+    new = sorted(staged.iterdir(), key=lambda p: p.name == "classes.json")
+    for p in new:
+        os.replace(p, out_dir / p.name)
+    staged.rmdir()
+    shutil.rmtree(old)

@@ -89,13 +89,14 @@ def _all_reduce_max(t: torch.Tensor) -> None:
 
 
 def model_for_eval(
-    path: str | Path, cfg, device: torch.device, use_ema: bool = True
+    path: str | Path, cfg, device: torch.device, use_ema: bool = True, model_named: bool = True
 ) -> tuple[nn.Module, list[str] | None, dict]:
     """The model stored at ``path`` (EMA weights when it has them and ``use_ema``), its class names if recorded, and the
     training config recorded with it (empty for files not written by ``xcit train``), from one read of the file.
 
     A checkpoint written by ``xcit train`` rebuilds its own architecture (overrides included); any other weight
-    file (official, timm, MindCV, safetensors) is loaded into ``cfg.model`` with ``cfg.model_overrides``. A
+    file (official, timm, MindCV, safetensors) is loaded into ``cfg.model`` with ``cfg.model_overrides``
+    (``model_named``: whether the user named ``cfg.model``; else it is only the default, never "asked for"). A
     missing or unreadable file raises: validating random weights is never an option.
     """
     from ..weights.files import read_weights
@@ -106,7 +107,7 @@ def model_for_eval(
         raise FileNotFoundError(f"ckpt_path {str(path)!r} does not exist (refusing to validate untrained weights)")
     w = read_weights(path, use_ema=None if use_ema else False)
     if w.model_config:  # written by xcit train: the recorded architecture, whatever the config says
-        model = model_from_weights(w, cfg.model)
+        model = model_from_weights(w, cfg.model if model_named else None)
     else:
         model = model_from_weights(w, cfg.model, trust_name=True, in_chans=cfg.in_channels, **cfg.model_overrides)
     return model.to(device).eval(), model.class_names, w.config
@@ -146,7 +147,7 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
         log.info("notice: %s", line)
     # a training checkpoint's EMA weights are used when it has them, unless `ema: False` is set explicitly
     use_ema = cfg.ema or "ema" not in explicit
-    model, classes, recorded = model_for_eval(cfg.ckpt_path, cfg, world.device, use_ema)
+    model, classes, recorded = model_for_eval(cfg.ckpt_path, cfg, world.device, use_ema, "model" in explicit)
     prep = eval_preprocessing(cfg, recorded, set(explicit), model.cfg.in_chans)
     _, val = build_datasets(
         cfg,

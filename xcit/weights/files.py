@@ -33,6 +33,17 @@ from ..runtime.limits import check_recorded
 log = logging.getLogger("xcit")
 
 FORMATS = ("safetensors", "official", "timm", "mindspore")
+# the file names each target takes; anything else (``.onnx``, ``.pt2``, ...) names another kind of file
+SUFFIXES = {
+    "safetensors": (".safetensors",),
+    "mindspore": (".ckpt",),
+    "timm": (".pth", ".pt", ".bin", ".ckpt", ".safetensors"),
+    "official": (".pth", ".pt", ".bin", ".ckpt", ".safetensors"),
+}
+# string entries of the .ckpt files this project writes (MindSpore's append_dict form): the numerics the weights
+# were trained with; a .ckpt without one is MindCV's own and has MindCV's numerics
+CKPT_FLAVOUR, CKPT_ARCH = "xcit_flavour", "xcit_arch"
+FLAVOURS = ("official", "mindcv")
 
 
 @dataclass
@@ -261,7 +272,31 @@ def read_weights(path: str | os.PathLike, use_ema: bool | None = False, checkpoi
     return w
 
 
+def _read_ckpt(path: Path, use_ema: bool | None) -> Weights:
+    """A MindSpore ``.ckpt``: MindCV's numerics unless the file records its flavour (:data:`CKPT_FLAVOUR`)."""
+    from .mindspore_ckpt import _split_training_checkpoint, mindcv_to_timm, read_mindspore_ckpt_strings
+
+    try:
+        tensors, strings = read_mindspore_ckpt_strings(path)
+        has_ema = bool(_split_training_checkpoint(tensors)[1])
+        used_ema = has_ema and use_ema is not False
+        if use_ema and not has_ema:
+            log.warning("%s has no EMA weights; using the model weights", path)
+        sd = mindcv_to_timm(tensors, use_ema=used_ema)
+    except WeightsError:
+        raise
+    except (ValueError, KeyError) as e:
+        raise WeightsError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    flavour = strings.get(CKPT_FLAVOUR, "mindcv")
+    if flavour not in FLAVOURS:
+        raise WeightsError(f"{path}: unknown numerics flavour {flavour!r} recorded (expected one of {FLAVOURS})")
+    fmt = "xcit" if CKPT_FLAVOUR in strings else "mindcv"
+    return Weights(sd, fmt, flavour, strings.get(CKPT_ARCH), has_ema=has_ema, used_ema=used_ema)
+
+
 def _read(path: Path, use_ema: bool | None, checkpoint_key: str | None = None) -> Weights:
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder, not a weights file (a save_pretrained folder holds model.safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
@@ -273,15 +308,7 @@ def _read(path: Path, use_ema: bool | None, checkpoint_key: str | None = None) -
         fmt = "xcit" if meta.get("format") == "xcit" else layout
         return Weights(sd, fmt, meta.get("flavour", "official"), meta.get("arch"), extra)
     if _is_mindspore_ckpt(path):
-        from .mindspore_ckpt import mindcv_to_timm, read_mindspore_ckpt
-
-        try:
-            sd = mindcv_to_timm(read_mindspore_ckpt(path), use_ema=bool(use_ema))
-        except WeightsError:
-            raise
-        except (ValueError, KeyError) as e:
-            raise WeightsError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-        return Weights(sd, "mindcv", "mindcv", used_ema=bool(use_ema))
+        return _read_ckpt(path, use_ema)
     obj, sealed = load_torch_file(path)
     sd, extra, used_ema, key = _unwrap(obj, path, use_ema, checkpoint_key)
     sd, left = split_backbone(strip_prefixes(sd))
@@ -410,14 +437,27 @@ def convert(
     dst: str | os.PathLike,
     to: str | None = None,
     arch: str | None = None,
-    use_ema: bool = False,
+    use_ema: bool | None = None,
 ) -> Weights:
     """Convert a weight file. ``to``: ``safetensors`` (default for .safetensors), ``official``, ``timm`` (.pth)
-    or ``mindspore`` (default for .ckpt)."""
+    or ``mindspore`` (default for .ckpt). ``use_ema``: None (default) takes a training checkpoint's EMA weights
+    when it has them, as every command does; False its raw weights.
+
+    * ``official`` writes the official release's layout, ``{"model": state_dict}`` with ``pos_embeder.*`` and the
+      fused class-attention ``qkv``: what the official ``main.py`` reads (``checkpoint["model"]``) for
+      ``--resume``, ``--finetune`` and ``--teacher-path``, and what this project reads back.
+    * ``mindspore`` records the weights' numerics flavour (and architecture) as string entries, so this project
+      loads the file back with the numerics it was trained with; MindCV's own model computes official-numerics
+      weights differently (a warning says so).
+    """
     dst = Path(dst)
     to = to or {".ckpt": "mindspore", ".safetensors": "safetensors"}.get(dst.suffix, "timm")
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; choose from {FORMATS}")
+    if dst.suffix.lower() not in SUFFIXES[to]:
+        hint = " (ONNX, TorchScript and .pt2 files come from xcit export)" if dst.suffix in (".onnx", ".pt2") else ""
+        named = f"not {dst.suffix!r}" if dst.suffix else "not without an extension"
+        raise ValueError(f"{dst}: a {to} weights file is named {' or '.join(SUFFIXES[to])}, {named}{hint}")
     w = read_weights(src, use_ema=use_ema)
     arch = arch or w.arch or infer_arch(w.state_dict)
     if to == "safetensors":
@@ -426,13 +466,20 @@ def convert(
     elif to == "mindspore":
         from .mindspore_ckpt import timm_to_mindcv, write_mindspore_ckpt
 
-        write_mindspore_ckpt(dst, timm_to_mindcv(w.state_dict))
-    else:  # timm / official layout: a bare state dict, as safetensors when the name asks for it
+        strings = {CKPT_FLAVOUR: w.flavour, **({CKPT_ARCH: arch} if arch else {})}
+        write_mindspore_ckpt(dst, timm_to_mindcv(w.state_dict), strings)
+        if w.flavour != "mindcv":
+            log.warning("%s: %s-numerics weights; this project loads them back with those numerics (recorded in "
+                        "the file), but MindCV's own model (no q/k normalisation, tanh GELU) computes them "
+                        "differently", dst, w.flavour)  # fmt: skip
+    else:  # timm layout: a bare state dict; official: the release's {"model": ...}; safetensors when so named
         sd = timm_to_official(w.state_dict) if to == "official" else w.state_dict
         if dst.suffix == ".safetensors":
             save_safetensors(sd, dst, arch, w.flavour)
         else:
-            atomic_write(dst, lambda tmp: torch.save(sd, tmp))
-    if to in ("official", "timm", "mindspore") and w.flavour == "mindcv" and to != "mindspore":
+            obj = {"model": sd} if to == "official" else sd
+            atomic_write(dst, lambda tmp: torch.save(obj, tmp))
+    if to in ("official", "timm") and w.flavour == "mindcv":
         log.warning("%s holds MindCV-trained weights; they only reproduce MindCV's outputs with flavour='mindcv'", src)
-    return Weights(w.state_dict, w.source_format, w.flavour, arch, w.extra)
+    return Weights(w.state_dict, w.source_format, w.flavour, arch, w.extra, has_ema=w.has_ema, used_ema=w.used_ema,
+                   source=w.source)  # fmt: skip

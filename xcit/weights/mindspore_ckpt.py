@@ -95,6 +95,7 @@ __all__ = [
     "MindSporeCheckpointError",
     "mindcv_to_timm",
     "read_mindspore_ckpt",
+    "read_mindspore_ckpt_strings",
     "timm_to_mindcv",
     "write_mindspore_ckpt",
 ]
@@ -229,13 +230,20 @@ def _to_tensor(path: str, tag: str, dims: list[int], tensor_type: str, content: 
 
 
 def read_mindspore_ckpt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a MindSpore ``.ckpt`` file into ``{name: tensor}`` (CPU tensors, in file order).
+    """Read a MindSpore ``.ckpt`` file into ``{name: tensor}`` (CPU tensors, in file order); see
+    :func:`read_mindspore_ckpt_strings` for the string entries as well.
 
     String entries and ``MapParameter`` tables are skipped. Raises :class:`MindSporeCheckpointError` (a
     ``ValueError``) naming ``path`` for an empty, truncated, corrupted or foreign file, an unknown dtype, a data
     length that does not match ``prod(dims) * itemsize``, or a name that occurs twice. A file cut exactly between two
     tensors cannot be told from a complete one (the format has no footer unless written with ``crc_check=True``).
     """
+    return read_mindspore_ckpt_strings(path)[0]
+
+
+def read_mindspore_ckpt_strings(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`read_mindspore_ckpt` plus the file's string entries (``save_checkpoint(append_dict={name: str})``),
+    such as the numerics flavour this project records."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -245,6 +253,7 @@ def read_mindspore_ckpt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     msg = _parse(path, data)
 
     out: dict[str, torch.Tensor] = {}
+    strings: dict[str, str] = {}
     skipped_maps: list[str] = []
     values = msg.value
     i = 0
@@ -273,13 +282,30 @@ def read_mindspore_ckpt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             chunks.append(c.tensor.tensor_content)
             i += 1
         if tensor_type == "str":  # a string from save_checkpoint(append_dict=...); not a tensor
+            strings[tag] = _decode_string(b"".join(chunks))
             continue
         out[tag] = _to_tensor(path, tag, dims, tensor_type, b"".join(chunks))
     if skipped_maps:
         warnings.warn(f"{path}: skipped MapParameter entries {skipped_maps}", stacklevel=2)
     if not out:
         raise MindSporeCheckpointError(f"{path}: no tensors found, not a MindSpore checkpoint")
-    return out
+    return out, strings
+
+
+def _decode_string(content: bytes) -> str:
+    """A string entry's text. serialization.py stores ``np.array(value)``'s bytes: numpy's ``<U`` dtype, UTF-32-LE
+    without a byte-order mark, padded with NULs (load_checkpoint reads it back with ``np.frombuffer``)."""
+    return content.decode("utf-32-le", errors="replace").rstrip("\0")
+
+
+def _string_message(name: str, text: str) -> bytes:
+    msg = _Checkpoint()
+    value = msg.value.add()
+    value.tag = name
+    value.tensor.dims.append(0)  # serialization.py writes strings with dims [0]
+    value.tensor.tensor_type = "str"
+    value.tensor.tensor_content = text.encode("utf-32-le")
+    return msg.SerializeToString()
 
 
 def _serialise(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -306,15 +332,19 @@ def _serialise(state: Mapping[str, torch.Tensor]) -> bytes:
     return b"".join(parts)
 
 
-def write_mindspore_ckpt(path: str | os.PathLike, state: Mapping[str, torch.Tensor]) -> None:
-    """Write ``state`` as a MindSpore ``.ckpt`` that ``mindspore.load_checkpoint`` and MindCV read.
+def write_mindspore_ckpt(
+    path: str | os.PathLike, state: Mapping[str, torch.Tensor], strings: Mapping[str, str] | None = None
+) -> None:
+    """Write ``state`` as a MindSpore ``.ckpt`` that ``mindspore.load_checkpoint`` and MindCV read, plus
+    ``strings`` as string entries after the tensors (what ``save_checkpoint``'s ``append_dict`` writes for a ``str``;
+    ``load_param_into_net`` ignores names the network lacks).
 
     The file is written to a temporary file in the same directory and renamed over ``path``, so readers never see
     a partial file. Tensors are written in ``state``'s order, in their own dtype, on the CPU.
     """
     if not state:
         raise ValueError(f"{os.fspath(path)}: refusing to write an empty checkpoint")
-    data = _serialise(state)
+    data = _serialise(state) + b"".join(_string_message(k, v) for k, v in (strings or {}).items())
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
