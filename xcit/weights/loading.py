@@ -130,14 +130,14 @@ def from_pretrained(
     **overrides,
 ) -> XCiT:
     """Load a model saved by :func:`xcit.weights.hub.save_pretrained` (or a timm hub folder) from a local folder or a
-    Hub
-    repo id.
+    Hub repo id.
 
     Args:
         name_or_path: a folder with ``config.json`` and ``model.safetensors``, or ``USER/REPO`` on the Hugging Face
             Hub (needs ``huggingface_hub`` and network; the files are cached).
         num_classes: replace the head with a fresh one of this size (fine-tuning); default: the saved head.
-        revision, cache_dir: passed to ``huggingface_hub.snapshot_download``.
+        revision: passed to ``huggingface_hub.snapshot_download``.
+        cache_dir: passed to ``huggingface_hub.snapshot_download``.
         **overrides: :class:`xcit.XCiTConfig` fields to change (``drop_path_rate``, ``img_size``, ...).
     """
     folder = _resolve_folder(name_or_path, revision, cache_dir)
