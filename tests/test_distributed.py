@@ -28,6 +28,7 @@ import torch
 
 from xcit.data.demo import write_digits
 from xcit.runtime.checkpoint import load_checkpoint
+from xcit.runtime.distributed import Launch, first_host, launch_env, slurm_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["--model", "xcit_nano_12_p8_224", "--model_overrides", "{embed_dim: 32, depth: 2, num_heads: 2}"]
@@ -128,3 +129,37 @@ def test_the_process_group_xcit_creates_is_destroyed_before_the_interpreter_exit
     out = launch(2, str(script))
     assert out.count("of 2") == 2
     assert out.count("initialized at exit: False") == 2 and "initialized at exit: True" not in out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Who launched this process: torchrun, an srun step, or nobody (fast, no SLURM needed)
+# ----------------------------------------------------------------------------------------------------------------------
+
+STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
+        "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}  # fmt: skip
+
+
+def test_a_task_of_an_srun_step_is_one_rank_of_the_steps_tasks():
+    got = launch_env({**STEP, "SLURM_STEP_NODELIST": "gpu[07-08]"})
+    assert got == Launch("slurm", rank=3, local_rank=1, size=4, master_addr="gpu07", master_port=slurm_port("4242"))
+    assert 20000 <= got.master_port < 40000 and slurm_port("4242") == slurm_port("4242") != slurm_port("4243")
+    # a user's MASTER_ADDR / MASTER_PORT are kept; an srun -n 1 step inside a larger allocation is a world of 1
+    got = launch_env({**STEP, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "SLURM_STEP_NUM_TASKS": "1",
+                      "SLURM_PROCID": "0"})  # fmt: skip
+    assert (got.size, got.master_addr, got.master_port) == (1, "10.0.0.1", 1234)
+
+
+def test_torchrun_wins_and_a_batch_script_or_salloc_shell_is_a_world_of_one():
+    torchrun = {"RANK": "1", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert launch_env({**STEP, **torchrun}) == Launch("torchrun", rank=1, local_rank=1, size=8)  # srun torchrun
+    batch = {k: v for k, v in STEP.items() if k != "SLURM_STEP_ID"}  # sbatch's script and salloc's shell
+    assert launch_env(batch) == Launch() and launch_env({}) == Launch()
+    assert Launch().size == 1 and Launch().rank == 0
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [("vm", "vm"), ("node[003-010]", "node003"), ("gpu[7,9-12],cpu1", "gpu7"), ("a1,b[2-3]", "a1")],
+)
+def test_the_master_is_the_first_host_of_the_node_list(nodelist, first):
+    assert first_host(nodelist) == first

@@ -105,3 +105,66 @@ def test_lock_is_released_when_the_run_fails(tmp_path):
             fit(cfg, explicit)
         assert json.loads((out / LOCK_NAME).read_text()) == held.owner
     assert not (out / LOCK_NAME).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SLURM jobs: a requeued job takes over its own lock on any host; other jobs are refused (fast, no SLURM needed)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_the_lock_records_the_slurm_job_and_a_requeued_job_takes_over_its_own_lock(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lock = tmp_path / LOCK_NAME
+    earlier = {"host": "node-3", "pid": 1, "started": "then", "slurm_job": "77", "slurm_restart": 0}
+    lock.write_text(json.dumps(earlier))  # left behind on another node by the run before the requeue
+    with caplog.at_level(logging.INFO, logger="xcit"), RunLock(tmp_path) as held:
+        held.acquire()
+        assert json.loads(lock.read_text()) == held.owner
+        assert held.owner["slurm_job"] == "77" and held.owner["slurm_restart"] == 1
+    assert any("of this SLURM job's run before its requeue (SLURM job 77, pid 1 on node-3" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+def test_another_slurm_job_or_the_same_run_of_this_job_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm"))  # squeue cannot be asked: another host cannot be checked
+    lock = tmp_path / LOCK_NAME
+    alive = {"host": socket.gethostname(), "pid": os.getppid(), "started": "now"}
+    for owner in (
+        {**alive, "slurm_job": "76", "slurm_restart": 0},  # another job, running here
+        {**alive, "slurm_job": "77", "slurm_restart": 0},  # this job's own run, not requeued since
+    ):
+        lock.write_text(json.dumps(owner))
+        with pytest.raises(ConfigError, match=r"in use by another training run \(SLURM job 7[67], pid"):
+            RunLock(tmp_path).acquire()
+    lock.write_text(json.dumps({**alive, "host": "node-9", "slurm_job": "76", "slurm_restart": 3}))
+    with pytest.raises(ConfigError, match="locked by a training run on another host .SLURM job 76, pid"):
+        RunLock(tmp_path).acquire()
+    assert json.loads(lock.read_text())["slurm_job"] == "76"  # left alone
+
+
+def test_a_requeued_job_says_why_it_cannot_resume(tmp_path, monkeypatch):
+    from xcit.train.requeue import check_resume, read_record, write_record
+
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    write_record(tmp_path, 9, tmp_path / "ckpt_e0001_s00000009.pth")
+    assert read_record(tmp_path) == {"slurm_job": "12", "restart": 1, "step": 9,
+                                     "checkpoint": "ckpt_e0001_s00000009.pth"}  # fmt: skip
+    config = {"lr": 0.001, "epoch_size": 3, "resume": ""}
+    check_resume(tmp_path, (tmp_path / "ckpt_e0001_s00000009.pth", {"step": 9, "config": config}), config)
+    with pytest.raises(
+        ConfigError,
+        match=r"s00000009.pth \(step 9\) that it wrote before requeue 1 is missing or "
+        r"corrupt, and the newest good one is ckpt_e0001_s00000008.pth at step 8; not requeued again",
+    ):
+        check_resume(tmp_path, (tmp_path / "ckpt_e0001_s00000008.pth", {"step": 8, "config": config}), config)
+    with pytest.raises(ConfigError, match="missing or corrupt, and no good one is left"):
+        check_resume(tmp_path, None, config)
+    with pytest.raises(ConfigError, match=r"config changed while it was queued \(lr: 0.001 -> 0.002\)"):
+        check_resume(tmp_path, (tmp_path / "x.pth", {"step": 9, "config": config}), {**config, "lr": 0.002})
+    check_resume(tmp_path, (tmp_path / "x.pth", {"step": 9, "config": config}), {**config, "resume": "auto"})
+    monkeypatch.setenv("SLURM_JOB_ID", "13")  # another job's record: not this job's business
+    assert read_record(tmp_path) is None
+    check_resume(tmp_path, None, config)

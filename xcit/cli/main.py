@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("xcit.cli.export", "export to ONNX, TorchScript or torch.export"),
     "shard": ("xcit.cli.shard", "write an ImageFolder as WebDataset tar shards"),
     "benchmark": ("xcit.cli.benchmark", "throughput, memory and GMACs, optionally against timm"),
+    "submit": ("xcit.cli.submit", "run xcit train as a SLURM job (submitit): requeued on preemption, resumes exactly"),
 }
 
 
@@ -90,6 +91,7 @@ EXTRAS = {
     "tensorboard": "tensorboard",
     "webdataset": "data",
     "datasets": "data",
+    "submitit": "slurm",
 }
 
 

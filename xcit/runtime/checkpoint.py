@@ -31,6 +31,7 @@ import torch
 from .errors import WeightsError
 from .fileio import atomic_write
 from .limits import check_zip_inflation
+from .procinfo import pid_alive
 
 log = logging.getLogger("xcit")
 
@@ -325,7 +326,7 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, pattern: str = "*
     removed = []
     for tmp in directory.glob(".*.tmp*"):  # from save_checkpoint of a process that no longer exists
         pid = tmp.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     if keep > 0:
@@ -333,16 +334,6 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, pattern: str = "*
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------------

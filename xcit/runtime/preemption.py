@@ -8,8 +8,15 @@
 * **DataLoader workers ignore both signals** (:func:`worker_ignores_stop_signals`): a signal sent to the whole
   process group (Ctrl-C, ``scancel``) would otherwise kill them first, and the main process would die on "worker
   exited unexpectedly" before it could save.
+* **SLURM's warning signal** (``sbatch --signal=USR2@90``, submitit's default and ``xcit submit``'s; sent to every
+  task of the job's steps before its time limit, or by ``scancel --signal=USR2`` to simulate a preemption) is a
+  stop signal too inside a SLURM job, handled as SIGTERM is. submitit's own handler would call a ``checkpoint()``
+  hook in rank 0's signal handler alone, in the middle of a step; this stops every rank at the same step instead,
+  and the caller requeues the job (:mod:`xcit.cli.submit`). ``scontrol requeue`` and preemption send SIGTERM
+  (then SIGKILL after ``KillWait``), which the same stop covers.
 * **Elastic restarts**: ``torchrun --max_restarts N`` restarts every rank after a failure and counts the restarts in
-  ``TORCHELASTIC_RESTART_COUNT``; a restarted run resumes from the newest good checkpoint by itself.
+  ``TORCHELASTIC_RESTART_COUNT``; a restarted run resumes from the newest good checkpoint by itself, as does a
+  requeued SLURM job (``SLURM_RESTART_COUNT``).
 * **Dead or hung ranks**: a collective with a dead peer fails at once (gloo: connection reset) or after the process
   group's ``timeout`` (a hung peer; NCCL's watchdog with ``TORCH_NCCL_ASYNC_ERROR_HANDLING``).
   :func:`exit_on_peer_failure` turns that into one clear line and exits without the abort that tearing down a
@@ -31,6 +38,13 @@ import torch.distributed as dist
 log = logging.getLogger("xcit")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SLURM_WARNING_SIGNAL = signal.SIGUSR2  # submitit's default (SUBMITIT_PREEMPT_SIGNAL); xcit submit's --signal
+
+
+def stop_signals(environ: dict | None = None) -> tuple[signal.Signals, ...]:
+    """SIGTERM and SIGINT; inside a SLURM job (``SLURM_JOB_ID`` set) also SLURM's warning signal, SIGUSR2."""
+    env = os.environ if environ is None else environ
+    return STOP_SIGNALS + ((SLURM_WARNING_SIGNAL,) if "SLURM_JOB_ID" in env else ())
 
 
 class Preempted(Exception):
@@ -47,15 +61,16 @@ class Preempted(Exception):
 
 
 class StopSignal:
-    """Context manager: while active, SIGTERM and SIGINT set :attr:`signum` instead of ending the process."""
+    """Context manager: while active, the :func:`stop_signals` set :attr:`signum` instead of ending the process."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[int, ...] | None = None) -> None:
         self.signum: int | None = None
+        self.signals = stop_signals() if signals is None else tuple(signals)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            for sig in STOP_SIGNALS:
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
             if hasattr(signal, "SIGXFSZ"):  # a file-size limit: let write() fail with EFBIG, reported, not killed
                 self._previous[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -85,14 +100,20 @@ class StopSignal:
 
 
 def worker_ignores_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT to the main process, which stops the workers itself."""
-    for sig in STOP_SIGNALS:
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT (and SLURM's SIGUSR2, which SLURM sends to every process
+    of a step, and which would end a worker) to the main process, which stops the workers itself."""
+    for sig in (*STOP_SIGNALS, SLURM_WARNING_SIGNAL):
         signal.signal(sig, signal.SIG_IGN)
 
 
 def elastic_restart_count() -> int:
     """How many times torchrun has restarted this job (0 on the first attempt or without torchrun)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def slurm_restart_count() -> int:
+    """How many times SLURM has requeued this job (``SLURM_RESTART_COUNT``; 0 on its first run or outside SLURM)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def is_peer_failure(e: BaseException) -> bool:

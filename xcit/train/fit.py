@@ -43,7 +43,7 @@ from ..runtime.checkpoint import (
 )
 from ..runtime.fileio import check_writable_dir
 from ..runtime.precision import amp_setup
-from ..runtime.preemption import Preempted, StopSignal, elastic_restart_count
+from ..runtime.preemption import Preempted, StopSignal, elastic_restart_count, slurm_restart_count
 from ..runtime.threads import CpuThreads
 from ..weights.factory import create_model
 from ..weights.files import load_weights
@@ -55,6 +55,8 @@ from .logs import MetricsLog, run_banner, setup_logging
 from .loop import Run, StepOptions, TrainingDiverged, TrainState, train_one_epoch
 from .losses import Criterion, DistillationLoss
 from .optim import create_optimizer, param_groups
+from .requeue import check_resume as check_requeued_resume
+from .requeue import write_record as write_requeue_record
 from .runlock import hold_run_lock
 from .schedule import LRSchedule
 
@@ -280,6 +282,8 @@ def _after_step(cfg: TrainConfig, out: Path, saver: _Saver, batches: int, world,
         if signum:
             if not saved:
                 saver.save([name])
+            if world.is_main:  # inside SLURM: what the requeued job must find (xcit.train.requeue)
+                write_requeue_record(out, st.step, out / name)
             raise Preempted(signum, str(out / name) if world.is_main else None)
 
     return after_step
@@ -379,11 +383,15 @@ def _seed_everything(seed: int) -> None:
 
 def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path, dict | None] | None:
     """The checkpoint to resume from, and its contents when choosing it meant reading it (``resume auto``)."""
-    restarts = elastic_restart_count()  # torchrun --max_restarts: a restarted job resumes by itself
-    if cfg.resume == "auto" or restarts:
+    # torchrun --max_restarts and a requeued SLURM job: a restarted job resumes by itself
+    restarts, requeues = elastic_restart_count(), slurm_restart_count()
+    if cfg.resume == "auto" or restarts or requeues:
         found = load_latest_checkpoint(out, CKPT_PATTERN)
+        if requeues:  # its own checkpoint and config, or one line saying why it cannot resume
+            check_requeued_resume(out, found, cfg.to_dict())
         if found is not None or cfg.resume == "auto":
             why = f"torchrun restart {restarts}" if restarts else "resume auto"
+            why = f"SLURM requeue {requeues}" if requeues else why
             log.info("%s: %s", why, found[0] if found else f"no checkpoint in {out}, starting from scratch")
             return found
     if cfg.resume:

@@ -12,6 +12,12 @@ rebooted since (another boot id); a stale lock is taken over with a notice. A lo
 checked from here: the error says which host holds it and that deleting the file releases it. The lock is removed
 when the run ends, whether it finishes, fails or is stopped by a signal. Checking and taking over happen under an
 ``flock`` of the folder, so two runs that find the same stale lock at once cannot both take it.
+
+Inside a SLURM job the lock also records the job id and its requeue count (``SLURM_JOB_ID``,
+``SLURM_RESTART_COUNT``). A requeued job restarts on whichever node SLURM gives it, and its earlier run may have
+left its lock behind (SIGKILL after ``KillWait``, a lost node): the same job takes over its own lock from an earlier
+run of itself, on any host. Any other job or run is still refused. A lock of another SLURM job on another host is
+checked with ``squeue``: a job that SLURM no longer runs holds nothing.
 """
 
 from __future__ import annotations
@@ -21,65 +27,69 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 from ..config.train_config import ConfigError
 from ..runtime import distributed
+from ..runtime.preemption import slurm_restart_count
+from ..runtime.procinfo import boot_id, pid_alive, start_ticks
 
 log = logging.getLogger("xcit")
 
 LOCK_NAME = "run.lock"
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None if unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)": state is field 3, starttime 22
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def _me() -> dict:
-    return {
+    me = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "boot_id": _boot_id(),
-        "start_ticks": _start_ticks(os.getpid()),
+        "boot_id": boot_id(),
+        "start_ticks": start_ticks(os.getpid()),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
+    if os.environ.get("SLURM_JOB_ID"):
+        me.update(slurm_job=os.environ["SLURM_JOB_ID"], slurm_restart=slurm_restart_count())
+    return me
 
 
 def owner_alive(owner: dict) -> bool | None:
-    """Whether the recorded owner still runs: True/False on this host, None for another host (cannot tell)."""
+    """Whether the recorded owner still runs: True/False on this host; for another host, whether its SLURM job
+    still runs (``squeue``), else None (cannot tell)."""
     if owner.get("host") != socket.gethostname():
-        return None
+        return slurm_job_active(str(owner["slurm_job"])) if owner.get("slurm_job") else None
     pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or not _alive(pid):
+    if not isinstance(pid, int) or pid <= 0 or not pid_alive(pid):
         return False
-    if owner.get("boot_id") and owner["boot_id"] != _boot_id():
+    if owner.get("boot_id") and owner["boot_id"] != boot_id():
         return False  # rebooted since: the pid is someone else's
     ticks = owner.get("start_ticks")
-    return ticks is None or _start_ticks(pid) in (None, ticks)
+    return ticks is None or start_ticks(pid) in (None, ticks)
+
+
+def slurm_job_active(job_id: str) -> bool | None:
+    """Whether SLURM still has the job (pending, running, requeued, completing...): ``squeue`` lists only those.
+    None when SLURM cannot be asked from here."""
+    if not shutil.which("squeue"):
+        return None
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:  # "Invalid job id specified": SLURM has forgotten it (MinJobAge after it ended)
+        return False if "invalid job id" in proc.stderr.lower() else None
+    return bool(proc.stdout.strip())
+
+
+def own_earlier_run(owner: dict, me: dict) -> bool:
+    """Whether ``owner`` is an earlier run of this same SLURM job (it was requeued since: a higher restart count)."""
+    job = me.get("slurm_job")
+    if not job or str(owner.get("slurm_job")) != job:
+        return False
+    return int(owner.get("slurm_restart") or 0) < int(me.get("slurm_restart") or 0)
 
 
 @contextlib.contextmanager
@@ -111,7 +121,7 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                self._clear_stale()
+                self._clear_stale(me)
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me) + "\n")
@@ -119,8 +129,9 @@ class RunLock:
             return self
         raise ConfigError(f"{self.path}: could not take the run lock (another run keeps taking it)")
 
-    def _clear_stale(self) -> None:
-        """Remove the lock file if its owner is gone; raise if it runs (or may run, on another host)."""
+    def _clear_stale(self, me: dict) -> None:
+        """Remove the lock file if its owner is gone or an earlier run of this SLURM job; raise if it runs (or may
+        run, on another host)."""
         try:
             owner = json.loads(self.path.read_text() or "{}")
         except FileNotFoundError:
@@ -129,8 +140,15 @@ class RunLock:
             owner = {}
         if not isinstance(owner, dict):
             owner = {}
-        alive = owner_alive(owner) if owner else False  # an empty or torn file: its writer died mid-write
         who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+        if owner.get("slurm_job"):
+            who = f"SLURM job {owner['slurm_job']}, {who}"
+        if owner and own_earlier_run(owner, me):
+            log.warning("notice: taking over the run lock %s of this SLURM job's run before its requeue (%s)",
+                        self.path, who)  # fmt: skip
+            self.path.unlink(missing_ok=True)
+            return
+        alive = owner_alive(owner) if owner else False  # an empty or torn file: its writer died mid-write
         if alive:
             raise ConfigError(
                 f"{self.path.parent} is in use by another training run ({who}): use another ckpt_save_dir, or "
