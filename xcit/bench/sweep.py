@@ -100,8 +100,7 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..runtime.plot_ticks import log_ticks
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator, StrMethodFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     series = [
@@ -126,7 +125,13 @@ def plot_sweep(result: dict, path: str | Path) -> Path:
         ticks = [p["tokens"] for p in result["ours"]]
         labels = [f"{t}\n{p['img_size']}px" for t, p in zip(ticks, result["ours"])]
         ax.set_xticks(ticks, labels, fontsize=7, rotation=45 if len(ticks) > 6 else 0)
-        log_ticks(ax)  # readable over less than a decade too
+        ax.xaxis.set_minor_locator(NullLocator())  # the sizes measured are the x ticks
+        # 1, 2 and 5 per decade; over less than a decade LogLocator leaves one tick or none, so evenly spaced ones
+        # there. "{x:g}" prints 20, not 2x10^1.
+        lo, hi = ax.get_ylim()
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6) if hi < 10 * lo else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("tokens per image (resolution)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

@@ -115,8 +115,7 @@ class MetricsLog:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from ..runtime.plot_ticks import epoch_ticks
+        from matplotlib.ticker import MaxNLocator
 
         ep = [r["epoch"] + 1 for r in self.rows]
         fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -132,8 +131,14 @@ class MetricsLog:
         if acc:
             ax[2].plot(*zip(*acc), "o-")
         ax[2].set(title="val top-1 (%)", xlabel="epoch")
-        epoch_ticks(ax, ep, [t for _, t in acc])
+        if acc:  # top-1 stays inside [0, 100], even for one point (matplotlib would centre it on +-0.06)
+            lo, hi = min(t for _, t in acc), max(t for _, t in acc)
+            pad = max(2.0, 0.05 * (hi - lo))
+            ax[2].set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
         for a in ax:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs
+            if max(ep) - min(ep) < 4:  # half an epoch of margin around a short run
+                a.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
             a.grid(alpha=0.3)
         fig.tight_layout()
         try:
@@ -146,8 +151,23 @@ class MetricsLog:
             self.tb.close()
 
 
-def run_banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, amp_dtype) -> None:
-    """The start-up lines of a training run: model, device, data, global batch, lr rule, precision, output."""
+def _schedule_end(cfg, lr: float, end_lr: float | None) -> str:
+    """Where the schedule really ends when ``epoch_size`` cuts it short (MindCV counts decay_epochs after warm-up:
+    a run shorter than warm-up + decay_epochs stops before the decay reaches min_lr)."""
+    if end_lr is None:
+        return ""
+    if cfg.epoch_size <= cfg.warmup_epochs:
+        return f"; the run ends inside the warm-up, at lr {end_lr:.3g}"
+    cut = cfg.scheduler == "cosine_decay" and cfg.epoch_size < cfg.warmup_epochs + cfg.decay_epochs
+    if cut and abs(end_lr - cfg.min_lr) > 1e-3 * lr:
+        return (f"; the run ends after {cfg.epoch_size} epochs, before warm-up + decay_epochs "
+                f"({cfg.warmup_epochs} + {cfg.decay_epochs}), at lr {end_lr:.3g}")  # fmt: skip
+    return f"; last step at lr {end_lr:.3g}"
+
+
+def run_banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, amp_dtype, end_lr=None) -> None:
+    """The start-up lines of a training run: model, device, data (and the resolution it trains at), global batch, lr
+    rule and the lr the last step will take (``end_lr``), precision, output."""
     from ..config.options import show
     from .ema import describe_ema
 
@@ -165,11 +185,12 @@ def run_banner(cfg, world, model, n_train, n_val, classes, steps_per_epoch, lr, 
     log.info("model %s%s: %.2fM params, %s numerics, %d outputs for %d classes", cfg.model, over, params / 1e6,
              model.flavour, model.num_classes, len(classes))  # fmt: skip
     log.info("device %s x %d process(es)%s", world.device.type, world.size, backend)
-    log.info("data %s: %d train / %d val images, %d steps per epoch", cfg.data_dir, n_train, n_val, steps_per_epoch)
+    log.info("data %s: %d train / %d val images at %dpx, %d steps per epoch", cfg.data_dir, n_train, n_val,
+             cfg.image_resize, steps_per_epoch)  # fmt: skip
     log.info("global batch %d = batch_size %d x %d process(es) x %d accumulation step(s)", global_batch,
              cfg.batch_size, world.size, accum)  # fmt: skip
-    log.info("lr %.3g (%s), %s to %.3g after %d warm-up epochs", lr, rule, cfg.scheduler, cfg.min_lr,
-             cfg.warmup_epochs)  # fmt: skip
+    log.info("lr %.3g (%s), %s to %.3g after %d warm-up epochs%s", lr, rule, cfg.scheduler, cfg.min_lr,
+             cfg.warmup_epochs, _schedule_end(cfg, lr, end_lr))  # fmt: skip
     log.info("precision %s, compile %s, ema %s, output %s", amp_dtype or "fp32",
              "on" if cfg.compiles_on(world.device.type) else "off",
              describe_ema(cfg.ema_decay, cfg.ema_warmup) if cfg.ema else "off", cfg.ckpt_save_dir)  # fmt: skip
