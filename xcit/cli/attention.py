@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.img_size:
         H, W = (args.img_size * 2)[:2]
     else:
+    if Path(args.image).is_dir():  # before the model loads; load_rgb would call it "not found"
+        raise ValueError(f"{args.image} is a folder: xcit attention draws one image file (xcit predict takes folders)")
         H, W = model_input_size(*image.size, p, int(prep["input_size"][-1]))
     from torchvision import transforms as T
 

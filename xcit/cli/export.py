@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 from pathlib import Path
 
@@ -14,9 +13,11 @@ from ..config.options import Parser
 from ..infer.export import (
     DEFAULT_OPSET,
     FORMATS,
+    check_out_name,
     export_onnx,
     export_program,
     export_torchscript,
+    onnx_metadata,
     onnx_opset,
     save_program,
     verify,
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         "preprocessing) | timm (bare timm-layout .safetensors/.pth) (default: %(default)s)",
     )
     add_weights_arguments(p, "weights file or save_pretrained folder (omit for random weights)")
-    p.add_argument("--out", required=True, help="output file (.onnx, .pt, .pt2)")
+    p.add_argument("--out", required=True, help="output file (.onnx, .pt, .pt2, .safetensors) or hub folder")
     p.add_argument("--img-size", type=int, nargs="+", metavar="N", help="H [W] of the example input (default: model's)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size of the example input")
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch axis dynamic")
@@ -55,10 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.format == "export" and not args.out.endswith(".pt2"):
-        parser.error("--format export writes a torch.export archive: --out must end in .pt2")
+    args = _parser().parse_args(argv)
+    check_out_name(args.format, args.out)
     if args.format == "onnx":  # before any work: a missing [export] extra is one line naming it (xcit.cli)
         for name in ("onnx", "onnxscript", "onnxruntime"):
             importlib.import_module(name)
@@ -71,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.randn(args.batch_size, model.cfg.in_chans, H, W, generator=torch.Generator().manual_seed(0))
 
     if args.format == "onnx":
-        meta = {
-            "architecture": model.name,
-            "class_names": json.dumps(class_names(model)),
-            "preprocessing": json.dumps(prep),
-        }
+        meta = onnx_metadata(model, prep, class_names(model))
         export_onnx(model, example, args.out, args.dynamic_batch, args.dynamic_size, args.opset, meta)
     elif args.format == "torchscript":
         export_torchscript(model, example, args.out)

@@ -37,6 +37,39 @@ def _dims(model: XCiT, dynamic_batch: bool, dynamic_size: bool) -> dict[int, obj
     from torch.export import Dim
 
     dims: dict[int, object] = {}
+# the file names each --format writes; a .pth named .onnx (or the reverse) misleads whoever opens it next
+OUT_SUFFIXES = {
+    "onnx": (".onnx",),
+    "torchscript": (".pt", ".pth", ".ts"),
+    "export": (".pt2",),
+    "timm": (".safetensors", ".pth", ".pt", ".bin"),
+}
+
+
+def check_out_name(fmt: str, path: str | os.PathLike) -> None:
+    """A ``ValueError`` when ``path``'s extension names another kind of file than ``fmt`` writes (``hub`` writes a
+    folder: any name)."""
+    suffix = Path(path).suffix.lower()
+    if fmt in OUT_SUFFIXES and suffix not in OUT_SUFFIXES[fmt]:
+        raise ValueError(f"--format {fmt} writes {' or '.join(OUT_SUFFIXES[fmt])} files: --out {path} names "
+                         f"{'another kind of file' if suffix else 'no extension'}")  # fmt: skip
+
+
+def onnx_metadata(model: XCiT, preprocessing: dict, class_names: list[str]) -> dict[str, str]:
+    """What an ONNX file records about its model (``metadata_props``): the variant name, the full architecture
+    (``xcit_config``: overrides included, so the model can be rebuilt as ``XCiT(XCiTConfig(**config))``), the class
+    names and the evaluation preprocessing, each as JSON text."""
+    import dataclasses
+    import json
+
+    return {
+        "architecture": model.name,
+        "xcit_config": json.dumps(dataclasses.asdict(model.cfg)),
+        "class_names": json.dumps(class_names),
+        "preprocessing": json.dumps(preprocessing),
+    }
+
+
     if dynamic_batch:
         dims[0] = Dim("batch", min=1, max=4096)
     if dynamic_size:

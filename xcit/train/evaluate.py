@@ -127,7 +127,9 @@ def eval_preprocessing(cfg, recorded: dict, explicit: set[str], in_chans: int = 
     if trained is None or not taken:
         return prep
     trained = trained.for_channels(in_chans)
-    log.info("preprocessing from the checkpoint: %s", ", ".join(f"{k} {recorded[k]}" for k in taken))
+    from ..config.options import show  # 57.12, not 57.120000000000005 (MindCV's default std is 0.224 * 255)
+
+    log.info("preprocessing from the checkpoint: %s", ", ".join(f"{k} {show(recorded[k])}" for k in taken))
     return replace(prep, **{PREPROCESSING_KEYS[k]: getattr(trained, PREPROCESSING_KEYS[k]) for k in taken})
 
 

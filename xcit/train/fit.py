@@ -36,6 +36,7 @@ from ..runtime import distributed
 from ..runtime.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
+    load_checkpoint,
     load_latest_checkpoint,
     prune_checkpoints,
     restore_rng_state,
@@ -108,8 +109,9 @@ def _fit(cfg: TrainConfig, world: distributed.World, explicit, on_step, stop) ->
     rng = _resume(cfg, out, run, data.classes, world.is_main)
     val_dtype, _ = amp_setup(cfg.val_amp_level, cfg.amp_dtype, 1.0, world.device)
     if world.is_main:
+        end_lr = run.schedule.lr_at(run.schedule.spe * cfg.epoch_size - 1)  # the last step's, whatever the recipe says
         run_banner(cfg, world, run.model, len(data.train_set), len(data.val_set or []), data.classes,
-                   data.steps_per_epoch, lr, opts.amp_dtype)  # fmt: skip
+                   data.steps_per_epoch, lr, opts.amp_dtype, end_lr)  # fmt: skip
         save_config(cfg, out / "config.yaml", header=f"resolved config of this run ({cfg.model})")
     saver = _Saver(cfg, out, run, data.classes, world.is_main)
     after_step = _after_step(cfg, out, saver, len(run.loader), world, on_step, stop, cpu_threads)
@@ -211,7 +213,14 @@ def _resume(cfg: TrainConfig, out: Path, run: Run, classes: list[str], is_main: 
     resume_from = _resume_point(cfg, out)
     if resume_from is None:
         return None
-    rng = run.load_state_dict(*resume_from, cfg.model, classes)
+    path, ckpt = resume_from
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    if not isinstance(ckpt.get("optimizer"), dict) or "step" not in ckpt or "sampler" not in ckpt:
+        raise ConfigError(
+            f"{path} is not a training checkpoint (no optimiser state, step or data order): resuming "
+            f"continues a run of xcit train; to start from these weights, pass them as --pretrained"
+        )
+    rng = run.load_state_dict(path, ckpt, cfg.model, classes)
     if run.state.epoch >= cfg.epoch_size and is_main:  # e.g. --resume auto once more after the end
         log.info("%s: the run had finished (epoch %d of %d): nothing left to train", resume_from[0], run.state.epoch,
                  cfg.epoch_size)  # fmt: skip
