@@ -189,7 +189,12 @@ def environment(repo: Path) -> dict[str, str]:
     env["VIRTUAL_ENV"] = str(repo / ".venv")
     env["PYTHONPATH"] = str(repo)
     env.pop("PYTHONSTARTUP", None)
+    env.pop("XCIT_THREADS", None)  # a reader's shell has none: runs pick their own thread count (tests fix it to 2)
     return env
+
+
+def _text(out: bytes | str | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
 
 
 def run_block(block: Block, repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -212,7 +217,11 @@ def test_page_commands_run(page, tmp_path):
     for block in blocks(ROOT / page):
         if block.tag not in RUN:
             continue
-        proc = run_block(block, repo, env)
+        try:
+            proc = run_block(block, repo, env)
+        except subprocess.TimeoutExpired as e:
+            output = (_text(e.stdout) + _text(e.stderr))[-6000:]
+            pytest.fail(f"{block.where()} ran past {BLOCK_TIMEOUT_S} s:\n{block.text}\n--- output (tail) ---\n{output}")
         if proc.returncode != 0:
             output = (proc.stdout + proc.stderr)[-6000:]
             pytest.fail(f"{block.where()} exited {proc.returncode}:\n{block.text}\n--- output (tail) ---\n{output}")

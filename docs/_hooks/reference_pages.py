@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Help text as one table cell: ``<split>`` is text, not an HTML tag, and ``*`` / ``|`` are literal."""
+    for raw, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("*", "\\*"), ("|", "\\|"), ("\n", " ")):
+        text = text.replace(raw, escaped)
+    return text
 
 
 def config_page() -> str:
@@ -53,9 +56,7 @@ def config_page() -> str:
         ]
         for f in group:
             kind = metavar(_TYPES[f.name], _CHOICES.get(f.name))
-            lines.append(
-                f"| `{f.name}` | `{_cell(kind)}` | `{_cell(show(_DEFAULTS[f.name]))}` | {_cell(f.metadata['help'])} |"
-            )
+            lines.append(f"| `{f.name}` | `{kind}` | `{show(_DEFAULTS[f.name])}` | {_cell(f.metadata['help'])} |")
         lines.append("")
     return "\n".join(lines)
 
