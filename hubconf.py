@@ -1,5 +1,7 @@
 """torch.hub entry points: one per XCiT variant, plus ``from_pretrained`` for hub-style folders.
 
+model = torch.hub.load("OWNER/xcit", "xcit_tiny_12_p16_224", pretrained=True)  # released weights, cached
+model = torch.hub.load("OWNER/xcit", "xcit_tiny_12_p16_224", pretrained="xcit_tiny_12_p16_224.fb_dist_in1k")
 model = torch.hub.load("OWNER/xcit", "xcit_tiny_12_p16_224", pretrained="weights.pth")
 model = torch.hub.load("OWNER/xcit", "from_pretrained", name_or_path="path/or/USER/REPO")
 model = torch.hub.load("/local/clone", "xcit_tiny_12_p16_224", source="local")
@@ -15,13 +17,15 @@ dependencies = ["torch", "safetensors"]
 
 
 def _entry(name: str):
-    def entry(pretrained: str | None = None, **kwargs):
+    def entry(pretrained: bool | str | None = None, **kwargs):
         return _create_model(name, pretrained=pretrained, **kwargs)
 
     entry.__name__ = name
     entry.__doc__ = (
-        f"{name}: ``pretrained`` is a path to weights in any format xcit reads (official, timm, MindCV, "
-        "this project's checkpoints); other keyword arguments go to ``xcit.create_model``."
+        f"{name}: ``pretrained`` is True (the released weights: timm's default tag, fetched once from the Hugging "
+        "Face Hub or the release URL and cached), a release name (``xcit_tiny_12_p16_224.fb_dist_in1k``), or a path "
+        "to weights in any format xcit reads (official, timm, MindCV, this project's checkpoints); other keyword "
+        "arguments go to ``xcit.create_model``."
     )
     return entry
 

@@ -147,7 +147,6 @@ def test_unknown_keys_fail_with_the_nearest_name(tmp_path):
         (["--auto_augment", "randomaug-m9"], "auto_augment"),
         (["--model_overrides", "{embed_dims: 8}"], "did you mean 'embed_dim'"),
         (["--scale", "1.0,0.5"], "scale"),
-        (["--pretrained", "True"], "needs a file"),
         (["--resume_opt", "True"], "ckpt_path"),
         (["-c", "/no/such.yaml"], "does not exist"),
         (["--mode", "3"], "'mode': 3 is not 0"),

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, explicit = load_config(argv, prog="xcit validate", description=DESCRIPTION, keys=VALIDATE_KEYS)
         if not cfg.data_dir:
             raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset")
+        use_release(cfg, explicit)
         check_device_target(cfg.device_target)
         if cfg.results_file:  # fails now, not after validating
             check_writable_dir(Path(cfg.results_file).resolve().parent, "results file")
@@ -38,3 +39,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xcit validate: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def use_release(cfg, explicit: set[str]) -> None:
+    """``--ckpt_path NAME.TAG`` (or, without a ckpt_path, MindCV's ``pretrained: True`` / ``pretrained: NAME.TAG``):
+    point ``cfg`` at the release's cached file (fetched first when needed), its variant, and the preprocessing its
+    top-1 was measured with for each of ``image_resize``, ``crop_pct`` and ``interpolation`` not set explicitly."""
+    from ..weights.pretrained import fetch, is_release_name, resolve
+
+    name = cfg.ckpt_path
+    if not name and (cfg.pretrained is True or isinstance(cfg.pretrained, str)):
+        name = cfg.model if cfg.pretrained is True else cfg.pretrained
+    if not name or not is_release_name(name):
+        return
+    release = resolve(name)
+    if "model" in explicit and cfg.model != release.variant:
+        raise ConfigError(f"model {cfg.model} does not match the weights {release.name} (a {release.variant})")
+    prep = release.preprocessing()
+    for key, value in (("image_resize", prep.size), ("crop_pct", prep.crop_pct), ("interpolation", prep.interpolation)):
+        if key not in explicit:
+            setattr(cfg, key, value)
+    cfg.model, cfg.ckpt_path = release.variant, str(fetch(release))
+    log.info("%s (top-1 %.2f published): %s, %s resize to %d, crop %.3f", release.name, release.top1, cfg.ckpt_path,
+             cfg.interpolation, cfg.image_resize, cfg.crop_pct)  # fmt: skip

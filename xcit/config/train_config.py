@@ -119,7 +119,9 @@ class TrainConfig:
     head_drop_rate: float = _k(0.0, "dropout before the head (timm's drop_rate)", xcit=True)
     drop_path_rate: float | None = _k(None, "stochastic depth, the same rate in every block")
     model_overrides: dict = _k({}, "architecture overrides, e.g. {embed_dim: 64, depth: 4}", xcit=True)
-    pretrained: bool | str = _k(False, "weights to start from (any format); the head is reset to num_classes")
+    pretrained: bool | str = _k(False, "weights to start from: True (model's released weights, fetched once and "
+                                "cached), a release name (xcit_tiny_12_p16_224.fb_in1k) or a file of any format; "
+                                "the head is reset to num_classes")  # fmt: skip
     ckpt_path: str = _k("", "checkpoint: weights to start from, or with resume_opt the run to resume")
     resume_opt: bool = _k(False, "resume optimiser, schedule, EMA, epoch and RNG state from ckpt_path")
     resume: str = _k("", "`auto`: resume from the newest good checkpoint in ckpt_save_dir; or a path", xcit=True)
@@ -382,8 +384,6 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"bad value for 'num_classes': {cfg.num_classes} must be > 0")
     if cfg.re_value not in (0, "random", "pixel", "const"):  # timm erases with zeros, normal noise per region/pixel
         raise ConfigError(f"bad value for 're_value': {cfg.re_value!r}; use 0, 'random' or 'pixel'")
-    if cfg.pretrained is True:
-        raise ConfigError("'pretrained: True' needs a file here (nothing is downloaded): give the path to weights")
     if cfg.resume_opt and not cfg.ckpt_path:
         raise ConfigError("'resume_opt: True' needs 'ckpt_path' (the checkpoint to resume)")
 

@@ -33,9 +33,12 @@ log = logging.getLogger("xcit")
 
 
 def load_model(
-    name: str | None, pretrained: str | os.PathLike | None, use_ema: bool | None = None, **overrides
+    name: str | None, pretrained: bool | str | os.PathLike | None, use_ema: bool | None = None, **overrides
 ) -> XCiT:
     """Build ``name`` with ``pretrained`` weights (any supported file, or a ``save_pretrained`` folder), in eval mode.
+
+    ``pretrained`` may also name released weights (``xcit_nano_12_p16_224.fb_in1k``; ``True``: ``name``'s default
+    release), fetched once and cached (:mod:`xcit.weights.pretrained`); ``name`` may then be left out.
 
     Without ``name`` the architecture recorded in the weights (training checkpoints, our safetensors, hub
     folders) is used. A training checkpoint rebuilds its recorded architecture (``model_config``, overrides
@@ -45,7 +48,14 @@ def load_model(
     """
     from ..weights.factory import create_model
     from ..weights.loading import load_model as load
+    from ..weights.pretrained import is_release_name
 
+    if pretrained is True and name is None:
+        raise ValueError("--pretrained without a path or name needs --model NAME (or give a release name, e.g. "
+                         "--pretrained xcit_tiny_12_p16_224.fb_in1k; `xcit models` lists them)")  # fmt: skip
+    if is_release_name(pretrained):
+        release = str(pretrained) if pretrained is not True else name
+        return create_model(name or release.split(".")[0], pretrained=release, **overrides).eval()
     if pretrained is None:
         if name is None:
             raise ValueError("give --model NAME (and --pretrained PATH for trained weights)")

@@ -305,8 +305,10 @@ def _after_step(cfg: TrainConfig, out: Path, saver: _Saver, batches: int, world,
 
 def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
     """The variant with ``model_overrides``, from ``pretrained`` (head reset to ``num_classes``) or ``ckpt_path``
-    (weights only; with ``resume_opt`` the whole run is resumed instead)."""
-    pretrained = cfg.pretrained if isinstance(cfg.pretrained, str) and cfg.pretrained else None
+    (weights only; with ``resume_opt`` the whole run is resumed instead). ``pretrained: True`` fine-tunes from the
+    model's released weights as MindCV's does (:mod:`xcit.weights.pretrained`: timm's default tag, fetched once)."""
+    named = cfg.pretrained is True or (isinstance(cfg.pretrained, str) and cfg.pretrained)
+    pretrained = cfg.pretrained if named else None
     model = create_model(
         cfg.model,
         pretrained=pretrained,

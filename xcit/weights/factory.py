@@ -12,6 +12,7 @@ from ..model.pyramid import XCiTPyramid
 from ..model.xcit import XCiT
 from .files import read_weights
 from .loading import model_from_weights
+from .pretrained import add_source_keys, model_from_release, overlay, release_for, resolve
 
 __all__ = ["VARIANTS", "create_model", "get_config", "gmacs", "list_models", "official_top1"]
 
@@ -20,7 +21,7 @@ _CFG_FIELDS = {f.name for f in fields(XCiTConfig)}
 
 def create_model(
     name: str,
-    pretrained: str | Path | None = None,
+    pretrained: bool | str | Path | None = None,
     num_classes: int | None = None,
     drop_path_rate: float = 0.0,
     in_chans: int = 3,
@@ -29,14 +30,18 @@ def create_model(
     strict: bool = True,
     use_ema: bool = False,
     checkpoint_key: str | None = None,
+    pretrained_cfg_overlay: dict | None = None,
     **overrides,
 ) -> XCiT | XCiTPyramid:
     """Build a variant by name. The model carries timm's ``pretrained_cfg`` (evaluation preprocessing: the weight
     file's when it records one, else :class:`xcit.model.preprocessing.Preprocessing`'s defaults) and ``feature_info``.
 
     Args:
-        name: one of :func:`list_models`.
-        pretrained: path to weights in any supported format (official ``.pth``, timm ``.pth``/``.safetensors``,
+        name: one of :func:`list_models`, optionally with a tag as in timm (``xcit_nano_12_p16_224.fb_dist_in1k``).
+        pretrained: ``True`` for the released weights of ``name`` (its tag, else timm's default tag), a release name
+            (``"xcit_nano_12_p16_224.fb_in1k"``, see :mod:`xcit.weights.pretrained` and ``xcit models``), fetched
+            once from the Hugging Face Hub (or the release URL) and cached; or a path to weights in any supported
+            format (official ``.pth``, timm ``.pth``/``.safetensors``,
             MindCV ``.ckpt``, or this project's checkpoints). MindCV weights switch the model to the ``mindcv``
             numerics flavour. If ``num_classes`` differs from the file's head, the head is dropped with a notice.
             Read by :func:`xcit.weights.loading.model_from_weights`.
@@ -51,6 +56,8 @@ def create_model(
         use_ema: load the EMA copy of a training checkpoint.
         checkpoint_key: the entry of a whole checkpoint to take, e.g. ``"student"`` of a DINO checkpoint (default:
             its ``teacher``).
+        pretrained_cfg_overlay: timm's argument: ``url`` / ``hf_hub_id`` replace the release's sources (e.g. a
+            mirror's URL; ``hf_hub_id=None`` goes to the URL directly).
         **overrides: any :class:`XCiTConfig` field (``embed_dim``, ``depth``, ``flavour``, ``drop_rate``, ...).
     """
     unknown = set(overrides) - _CFG_FIELDS
@@ -60,9 +67,14 @@ def create_model(
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise TypeError(f"create_model got an unknown argument {bad!r}{hint}")
     arch = dict(drop_path_rate=drop_path_rate, in_chans=in_chans, **overrides)
-    if pretrained is None:
+    full_name = name
+    name, release = release_for(name, pretrained)
+    if release is not None:
+        release = overlay(release, pretrained_cfg_overlay)
+        model = model_from_release(release, num_classes=num_classes, strict=strict, **arch)
+    elif pretrained is None or pretrained is False:
         model = XCiT(replace(get_config(name), num_classes=1000 if num_classes is None else num_classes, **arch), name)
-        timm_conventions(model)
+        add_source_keys(timm_conventions(model), resolve(full_name))
     else:
         w = read_weights(pretrained, use_ema=use_ema, checkpoint_key=checkpoint_key)
         model = model_from_weights(w, name, num_classes=num_classes, strict=strict, trust_name=True, **arch)
