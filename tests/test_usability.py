@@ -1,5 +1,7 @@
 """What a new user runs into first: conversions, one-line errors, file-type messages (through the CLI)."""
 
+import json
+import logging
 import os
 import signal
 import stat
@@ -413,3 +415,152 @@ def test_sigusr1_prints_every_threads_stack(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0 and "still running" in r.stdout, r.stderr
     assert "waiting_here" in r.stderr and "Current thread" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A user's mistakes: one line and exit 2 (no traceback); messages that say what happens
+# ----------------------------------------------------------------------------------------------------------------------
+
+TRAIN = ["--model", "xcit_nano_12_p8_224", "--model_overrides", "{embed_dim: 32, depth: 2, num_heads: 2}",
+         "--image_resize", "16", "--batch_size", "6", "--num_parallel_workers", "0", "--tensorboard", "False",
+         "--device_target", "cpu", "--epoch_size", "1"]  # fmt: skip
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"xcit {command}: error: "), err
+    return err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_device_the_machine_lacks_is_one_line(weights, tmp_path, capsys):
+    from .test_data import make_folder
+
+    _, src = weights
+    img = str(_digit_png(tmp_path))
+    assert main(["predict", img, "--pretrained", str(src), "--model", NAME, "--device", "cuda"]) == 2
+    assert "no CUDA device; use --device cpu" in _one_error_line(capsys, "predict")
+    assert main(["benchmark", "--model", NAME, "--img-size", "32", "--device", "cuda:1"]) == 2
+    assert "no CUDA device" in _one_error_line(capsys, "benchmark")
+    data = make_folder(tmp_path / "data", per_class=2, size=16)
+    ckpt = ["--ckpt_path", str(src), "--model", NAME, "--model_overrides", "{embed_dim: 32, depth: 2, num_heads: 2}"]
+    assert main(["validate", "--data_dir", str(data), *ckpt, "--device_target", "GPU"]) == 2
+    assert "--device_target cuda: this machine has no CUDA device" in _one_error_line(capsys, "validate")
+    out = ["--ckpt_save_dir", str(tmp_path / "out")]
+    assert main(["train", "--data_dir", str(data), *TRAIN, *out, "--device_target", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err  # train logs its error line after the notices
+    assert not (tmp_path / "out").exists()
+
+
+def test_counts_that_cannot_run_are_one_line(weights, tmp_path, capsys):
+    model, src = weights
+    img = str(_digit_png(tmp_path))
+    w = ["--pretrained", str(src), "--model", NAME, "--img-size", "32"]
+    assert main(["predict", img, *w, "--topk", "-1"]) == 2
+    assert "--topk -1: give 0 or more" in _one_error_line(capsys, "predict")
+    assert main(["predict", img, *w, "--topk", "0", "--json"]) == 0  # 0 is a valid (empty) answer
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["topk"] == []
+    bench = ["benchmark", "--model", NAME, "--img-size", "32", "--threads", "1"]
+    for flag in ("--batch", "--iters", "--rounds"):
+        assert main([*bench, flag, "0"]) == 2
+        assert f"{flag} 0: give 1 or more" in _one_error_line(capsys, "benchmark")
+
+
+def test_folders_and_other_kinds_of_file_are_named(weights, tmp_path, capsys):
+    _, src = weights
+    assert main(["convert", str(tmp_path), str(tmp_path / "x.safetensors")]) == 2
+    assert f"{tmp_path} is a folder, not a weights file" in _one_error_line(capsys, "convert")
+    assert main(["attention", str(tmp_path), "--pretrained", str(src), "--model", NAME, "--out", "a"]) == 2
+    assert f"{tmp_path} is a folder: xcit attention draws one image file" in _one_error_line(capsys, "attention")
+    assert main(["convert", str(src), str(tmp_path / "out.onnx")]) == 2  # a .pth under an .onnx name: refused
+    assert "come from xcit export" in _one_error_line(capsys, "convert")
+    assert not (tmp_path / "out.onnx").exists()
+    w = ["--pretrained", str(src), "--model", NAME, "--img-size", "32"]
+    assert main(["export", *w, "--format", "onnx", "--out", str(tmp_path / "m.pth")]) == 2
+    assert "--format onnx writes .onnx files" in _one_error_line(capsys, "export")
+
+
+def _ema_checkpoint(tmp_path, model) -> tuple[Path, torch.nn.Module]:
+    """A training checkpoint as xcit train writes one: raw weights, EMA weights, architecture, classes."""
+    import dataclasses
+
+    ema = perturb_(xcit.create_model(NAME, **KW), seed=5).eval()
+    path = tmp_path / "best.pth"
+    classes = [str(i) for i in range(10)]
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "arch": NAME, "epoch": 3,
+                "model_config": dataclasses.asdict(model.cfg), "classes": classes}, path)  # fmt: skip
+    return path, ema
+
+
+def test_every_command_takes_ema_weights_when_present_and_says_so(weights, tmp_path, capsys, caplog):
+    from safetensors.torch import load_file
+
+    model, _ = weights
+    path, ema = _ema_checkpoint(tmp_path, model)
+    with caplog.at_level(logging.INFO, logger="xcit"):
+        assert main(["convert", str(path), str(tmp_path / "c.safetensors"), "--to", "timm"]) == 0
+        assert main(["export", "--pretrained", str(path), "--format", "timm", "--out", str(tmp_path / "e.safetensors"),
+                     "--img-size", "32"]) == 0  # fmt: skip
+        assert main(["convert", str(path), str(tmp_path / "raw.pth"), "--to", "timm", "--ema", "False"]) == 0
+    said = caplog.text
+    assert "from " + str(path) + " (xcit, EMA weights)" in said and "EMA weights from epoch 3" in said
+    assert "(xcit, model weights (its EMA weights are not used))" in said
+    converted, exported = load_file(str(tmp_path / "c.safetensors")), load_file(str(tmp_path / "e.safetensors"))
+    for k, v in ema.state_dict().items():  # the two ways to write timm weights give the same (EMA) tensors
+        assert torch.equal(converted[k], v) and torch.equal(exported[k], v), k
+    raw = torch.load(tmp_path / "raw.pth", weights_only=True)
+    assert all(torch.equal(raw[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(SystemExit) as e:  # argparse: usage and the error, exit 2
+        main(["convert", str(path), str(tmp_path / "x.pth"), "--ema", "maybe"])
+    assert e.value.code == 2 and "expected a boolean" in capsys.readouterr().err
+
+
+def test_validate_without_model_does_not_claim_one_was_asked_for(weights, tmp_path, caplog):
+    from .test_data import make_folder
+
+    model, _ = weights
+    path, _ = _ema_checkpoint(tmp_path, model)
+    data = make_folder(tmp_path / "data", classes=[str(i) for i in range(10)], per_class=2, size=16)
+    with caplog.at_level(logging.INFO, logger="xcit"):
+        assert main(["validate", "--data_dir", str(data), "--ckpt_path", str(path), "--image_resize", "32"]) == 0
+    assert "was asked for" not in caplog.text and "EMA weights from epoch 3" in caplog.text
+
+
+def test_resume_from_bare_weights_says_it_is_not_a_training_checkpoint(weights, tmp_path, caplog):
+    from .test_data import make_folder
+
+    _, src = weights
+    data = make_folder(tmp_path / "data", per_class=2, size=16)
+    argv = ["train", "--data_dir", str(data), *TRAIN, "--ckpt_save_dir", str(tmp_path / "out"), "--resume", str(src)]
+    with caplog.at_level(logging.ERROR, logger="xcit"):
+        assert main(argv) == 2
+    assert f"{src} is not a training checkpoint" in caplog.text and "--pretrained" in caplog.text
+    assert "was trained as None" not in caplog.text
+
+
+def test_banner_says_the_resolution_where_the_schedule_ends_and_prints_values_as_typed(tmp_path, caplog):
+    from xcit.config.train_config import TrainConfig
+    from xcit.train.evaluate import eval_preprocessing
+
+    from .test_data import make_folder
+
+    data = make_folder(tmp_path / "data", per_class=2, size=16)
+    argv = ["train", "--data_dir", str(data), *TRAIN, "--ckpt_save_dir", str(tmp_path / "out"), "--epoch_size", "3",
+            "--warmup_epochs", "1", "--decay_epochs", "30", "--model_overrides",
+            "{embed_dim: 32, depth: 2, num_heads: 2, img_size: 32}"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="xcit"):
+        assert main(argv) == 0
+    lines = caplog.text.splitlines()
+    banner = next(line for line in lines if "warm-up epochs" in line)
+    last = next(line for line in lines if "epoch 3/3: train loss" in line)
+    end = float(last.split(", lr ")[1].split(",")[0])
+    assert "the run ends after 3 epochs, before warm-up + decay_epochs (1 + 30), at lr" in banner
+    assert 1e-4 < end < 1e-3  # the decay has begun and is far from min_lr
+    assert float(banner.rsplit("at lr ", 1)[1]) == pytest.approx(end, rel=1e-2)  # what the last step took
+    assert any("images at 16px" in line for line in lines)
+    assert any("model_overrides img_size 32 is the model's nominal size only" in line for line in lines)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xcit"):
+        eval_preprocessing(TrainConfig(), TrainConfig().to_dict(), set())
+    assert "57.12, 57.375]" in caplog.text and "57.120000000000005" not in caplog.text
