@@ -193,6 +193,54 @@ def test_xcit_shard_writes_a_folder_as_shards_that_webdataset_and_training_read(
     assert "bad size 'lots'" in capsys.readouterr().err
 
 
+def test_xcit_shard_refuses_a_folder_of_shards_and_replaces_it_whole(tmp_path, capsys):
+    """A second run into the same folder never leaves the first run's shards to be read beside its own."""
+    from .test_data import make_folder
+
+    root = make_folder(tmp_path / "ds")
+    out = tmp_path / "shards"
+    assert main(["shard", str(root), str(out), "--max-size", "4KB"]) == 0
+    first = sorted(p.name for p in (out / "val").glob("*.tar"))
+    assert len(first) > 1
+    capsys.readouterr()
+    assert main(["shard", str(root), str(out), "--splits", "val"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds shards" in err and "--overwrite" in err
+    assert sorted(p.name for p in (out / "val").glob("*.tar")) == first  # untouched
+    assert main(["shard", str(root), str(out), "--splits", "val", "--overwrite"]) == 0
+    assert [p.name for p in (out / "val").glob("*.tar")] == ["val-000000.tar"]  # one 1 GB-limit shard, no leftovers
+    assert not (out / "train").exists()  # the old set is replaced whole: no train split labelled by old classes
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "val"]  # no staging folder left behind
+    _, val = build_datasets(cfg_for(out), need_train=False)
+    assert len(val) == 9  # the split's images, once
+    # a run that fails part-way (val holds a class train lacks) leaves the set it found, and nothing of its own
+    (root / "val" / "d").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "d" / "0.png")
+    assert main(["shard", str(root), str(out), "--overwrite"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "val"]
+    assert [p.name for p in (out / "val").glob("*.tar")] == ["val-000000.tar"]
+    # one killed while writing leaves a hidden staging folder: no reader looks there, the next run removes it
+    (out / ".xcit-shard-new-killed" / "val").mkdir(parents=True)
+    assert len(build_datasets(cfg_for(out), need_train=False)[1]) == 9
+    assert main(["shard", str(root), str(out), "--splits", "train", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "train"]
+
+
+def test_xcit_shard_names_splits_that_are_missing_or_not_splits(tmp_path, capsys):
+    from .test_data import make_folder
+
+    root = make_folder(tmp_path / "ds")
+    assert main(["shard", str(root), str(tmp_path / "o"), "--splits", "train", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"xcit shard: error: {root}: no split folder nope (its folders: train, val)"
+    assert not (tmp_path / "o").exists()
+    assert main(["shard", str(root / "train"), str(tmp_path / "o")]) == 2  # a split (a flat folder of classes)
+    assert "has no train/ or val/ folder" in capsys.readouterr().err
+    assert main(["shard", str(root), str(root)]) == 2  # would replace the image folders themselves
+    assert "holds files that are not shards" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["a", "b", "c"]
+
+
 @pytest.mark.slow
 def test_data_benchmark_times_every_format_beside_timm(tmp_path):
     from xcit.bench import data as B
