@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from .conftest import perturb_
 
 KW = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10)
 NAME = "xcit_nano_12_p16_224"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -210,3 +212,31 @@ def test_cli_reports_bad_weights_in_one_line(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert f"xcit {argv[0]}: error: {cut}: not a readable PyTorch file (truncated" in err, err
+
+
+def test_official_numerics_survive_a_mindspore_ckpt_round_trip(tmp_path, caplog):
+    """Official-numerics weights written as a .ckpt load back here with official numerics (the file records its
+    flavour), and the conversion says MindCV's own model computes them differently; MindCV's files stay mindcv."""
+    import logging
+
+    import timm
+
+    from xcit.cli import main
+    from xcit.weights.mindspore_ckpt import read_mindspore_ckpt, read_mindspore_ckpt_strings
+
+    ref = perturb_(timm.create_model(NAME, num_classes=10, embed_dim=32, depth=2, num_heads=2)).eval()
+    torch.save(ref.state_dict(), tmp_path / "nano_timm.pth")
+    with caplog.at_level(logging.WARNING, logger="xcit"):
+        assert main(["convert", str(tmp_path / "nano_timm.pth"), str(tmp_path / "nano.ckpt"), "--model", NAME]) == 0
+    assert "MindCV's own model (no q/k normalisation, tanh GELU) computes them differently" in caplog.text
+    tensors, strings = read_mindspore_ckpt_strings(tmp_path / "nano.ckpt")
+    assert strings == {"xcit_flavour": "official", "xcit_arch": NAME}
+    assert read_mindspore_ckpt(tmp_path / "nano.ckpt").keys() == tensors.keys()  # strings are not tensors
+    back = xcit.create_model(NAME, pretrained=tmp_path / "nano.ckpt", embed_dim=32, depth=2, num_heads=2)
+    assert back.flavour == "official"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (back.eval()(x) - ref(x)).abs().max() <= 1e-4
+    # MindCV's own training checkpoints record nothing: they keep MindCV's numerics
+    mindcv = xcit.read_weights(ROOT / "tests" / "fixtures" / "mindcv" / "xcit_small_fixture.ckpt")
+    assert mindcv.flavour == "mindcv" and mindcv.source_format == "mindcv"
