@@ -22,6 +22,7 @@ from PIL import Image
 
 import xcit
 from xcit.cli import main
+from xcit.model.arch import official_top1
 from xcit.weights.files import timm_to_official
 from xcit.weights.pretrained import RELEASES, PretrainedError, default_tag, markdown_table, resolve
 
@@ -123,6 +124,8 @@ def test_releases_are_timms_tags_with_its_sources():
     for variant in xcit.list_models():
         assert default_tag(variant) == get_pretrained_cfg(variant).tag  # timm's default: the first tag listed
     assert resolve("xcit_small_12_p16_384").name == "xcit_small_12_p16_384.fb_dist_in1k"
+    for variant in xcit.list_models():  # the variants' table (xcit models, recipes) agrees with the releases'
+        assert official_top1(variant) == resolve(variant).top1, variant
 
 
 def test_unknown_names_name_the_nearest_release():
@@ -178,6 +181,12 @@ def test_pretrained_true_matches_timm_from_the_same_cache(released, cache_env):
     again = xcit.create_model(NAME, pretrained=True).eval()  # timm's spelling; pretrained=NAME is the same release
     with torch.no_grad():
         assert torch.equal(again(released.x), a)
+
+
+def test_torch_hub_entry_point_takes_pretrained_true(released, cache_env):
+    model = torch.hub.load(str(ROOT), VARIANT, source="local", pretrained=True, trust_repo=True).eval()
+    with torch.no_grad():
+        assert _max_diff(model(released.x), released.expected) <= 1e-5
 
 
 def test_predict_by_name_matches_timm_in_a_fresh_process(released, tmp_path):
@@ -241,6 +250,11 @@ def test_validate_by_name_matches_timm(released, cache_env, tmp_path):
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(theirs(x), labels).item()
     assert result["num_images"] == 4 and abs(result["loss"] - loss) <= 1e-5
+    # MindCV's validate.py spelling: `pretrained: True` and no ckpt_path validates the model's default release
+    again = tmp_path / "again.json"
+    argv = ["validate", "--model", VARIANT, "--pretrained", "True", "--data_dir", str(data), "--batch_size", "4"]
+    assert main([*argv, "--num_parallel_workers", "0", "--results_file", str(again)]) == 0
+    assert json.loads(again.read_text())["loss"] == result["loss"]
 
 
 def test_pretrained_true_in_a_mindcv_recipe_builds_from_the_cache(released, cache_env, tmp_path, caplog):
