@@ -1,10 +1,11 @@
-"""The data pipeline's speed: JPEG decode plus the official training transform per worker process, beside timm's
-``create_transform`` (:func:`bench_data`), and the training loader's throughput with several workers
+"""The data pipeline's speed: JPEG decode, the official training transform and the batch work, per CPU-second,
+beside timm's ``create_transform`` (:func:`bench_data`), and the training loader's throughput with several workers
 (:func:`loader_throughput`), which says whether a training step waits for data.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -32,32 +33,52 @@ def default_jpeg_dir() -> Path:
     return cache_dir() / "bench_jpegs"
 
 
-def write_jpegs(root: str | Path, n: int = 64, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
-    """``n`` distinct natural JPEGs (ImageNet's typical 500x375) cut from scikit-learn's two sample photos."""
-    import numpy as np
+def _photos() -> list:
+    """The real photographs the installed libraries ship: scikit-learn's two sample images (640x427) and
+    matplotlib's Grace Hopper portrait (512x600)."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    try:
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            photos.append(Image.open(f).convert("RGB"))
+    except (ImportError, OSError, ValueError):
+        pass
+    return photos
+
+
+def write_jpegs(root: str | Path, n: int = 64, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """``n`` distinct JPEGs of ``size`` (ImageNet's typical 500x375, landscape and portrait alternating) cut from
+    real photos (:func:`_photos`) at random places and scales (1-1.25x the smallest that covers ``size``: mostly
+    a slight reduction, which keeps them as sharp as ImageNet's downscaled photos), randomly mirrored, saved by
+    Pillow at quality 75-95 (ImageNet's files are mostly 75-95), under ``root/images``."""
+    import numpy as np
+    from PIL import Image
 
     root = Path(root)
     if len(list(root.glob("*/*.jpg"))) >= n:
         return root
     (root / "images").mkdir(parents=True, exist_ok=True)
-    photos = [Image.fromarray(a) for a in load_sample_images().images]  # 427x640 each
+    photos = _photos()
     rng = np.random.default_rng(seed)
     for i in range(n):
         im = photos[i % len(photos)]
-        w, h = im.size
-        cw, ch = int(rng.integers(w // 2, w + 1)), int(rng.integers(h // 2, h + 1))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        crop = im.crop((x0, y0, x0 + cw, y0 + ch)).resize(size if i % 2 else size[::-1], Image.Resampling.BICUBIC)
+        cw, ch = size if i % 2 == 0 else size[::-1]
+        s = max(cw / im.width, ch / im.height) * float(rng.uniform(1.0, 1.25))  # mostly a slight downscale: sharp
+        im = im.resize((max(cw, round(im.width * s)), max(ch, round(im.height * s))), Image.Resampling.BICUBIC)
+        x0, y0 = int(rng.integers(0, im.width - cw + 1)), int(rng.integers(0, im.height - ch + 1))
+        crop = im.crop((x0, y0, x0 + cw, y0 + ch))
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        crop.save(root / "images" / f"{i:04d}.jpg", quality=90)
+        crop.save(root / "images" / f"{i:04d}.jpg", quality=int(rng.integers(75, 96)))
     return root
 
 
 def timm_pipeline(recipe: dict) -> tuple[Callable, Callable]:
-    """timm's loader and ``create_transform`` for ``recipe``, the reference."""
+    """timm's loader and ``create_transform`` for ``recipe`` (normalised and erased per image), the reference."""
     from PIL import Image
     from timm.data import create_transform
 
@@ -78,26 +99,78 @@ def timm_pipeline(recipe: dict) -> tuple[Callable, Callable]:
     return load, transform
 
 
-def our_pipeline(recipe: dict) -> tuple[Callable, Callable]:
-    """The loader and training transform ``xcit train`` uses for ``recipe``."""
+def our_pipeline(recipe: dict, device: torch.device | str = "cpu") -> tuple[Callable, Callable, Callable]:
+    """The loader, the worker transform and the batch stage ``xcit train`` uses for ``recipe`` (its
+    ``data_backend``, default ``fast``)."""
     from ..config.train_config import TrainConfig
-    from ..data.imageio import load_rgb
-    from ..data.pipeline import train_transform
+    from ..data.imageio import TENSOR_RGB, load_rgb
+    from ..data.pipeline import batch_stage, train_transform
 
-    return load_rgb, train_transform(TrainConfig(**recipe))
+    cfg = TrainConfig(**recipe)
+    mode = TENSOR_RGB if cfg.data_backend == "fast" else "RGB"
+    return (lambda f: load_rgb(f, mode=mode)), train_transform(cfg), batch_stage(cfg, device)
 
 
-def _transform_retrying(transform: Callable, img) -> int:
-    """Apply ``transform``, drawing again after a ``ValueError``; returns how many draws failed. Stock timm's
-    RandAugment can ask Pillow >= 11 to posterize to 0 bits (about 1 image in 550 with ``rand-m9-mstd0.5-inc1``),
-    which raises; ``xcit.data.pipeline`` patches that op, the reference pipeline is timed as shipped."""
+def _transform_retrying(transform: Callable, img):
+    """Apply ``transform``, drawing again after a ``ValueError``; returns the output and how many draws failed.
+    Stock timm's RandAugment can ask Pillow >= 11 to posterize to 0 bits (about 1 image in 550 with
+    ``rand-m9-mstd0.5-inc1``), which raises; ``xcit.data.pipeline`` patches that op, the reference pipeline is
+    timed as shipped."""
     for failed in range(10):
         try:
-            transform(img)
-            return failed
+            return transform(img), failed
         except ValueError:
             continue
     raise RuntimeError("the transform failed 10 times in a row")
+
+
+def _batches(files: list[Path], batch: int) -> list[list[Path]]:
+    return [files[i : i + batch] for i in range(0, len(files), batch)]
+
+
+def _runners(recipe: dict, device: torch.device, batch: int) -> dict[str, Callable[[list[Path]], int]]:
+    """Each pipeline whole, from the files to the normalised batch on ``device``; each returns the failed draws."""
+    load, transform, stage = our_pipeline(recipe, device)
+    tload, ttransform = timm_pipeline(recipe)
+
+    def ours(files: list[Path]) -> int:
+        for chunk in _batches(files, batch):
+            x = torch.stack([transform(load(f)) for f in chunk]).to(device)
+            stage(x)
+        return 0
+
+    def timm(files: list[Path]) -> int:
+        failed = 0
+        for chunk in _batches(files, batch):
+            outs = [_transform_retrying(ttransform, tload(f)) for f in chunk]
+            failed += sum(n for _, n in outs)
+            torch.stack([o for o, _ in outs]).to(device)
+        return failed
+
+    runners = {"ours": ours, "timm": timm}
+    dali = _dali_runner(recipe, device, batch)
+    if dali is not None:
+        runners["dali"] = dali
+    return runners
+
+
+def _dali_runner(recipe: dict, device: torch.device, batch: int) -> Callable[[list[Path]], int] | None:
+    """The DALI pipeline (``data_backend: dali``) over the same files, when DALI is installed."""
+    from ..data import dali as dali_backend
+
+    if not dali_backend.available():
+        return None
+    from ..config.train_config import TrainConfig
+
+    cfg = TrainConfig(**{**recipe, "batch_size": batch})
+    pipe = dali_backend.train_pipeline(cfg, device, threads=1)  # built once, outside the timed rounds
+
+    def run(files: list[Path]) -> int:
+        for x, _ in dali_backend.file_batches(pipe, files, batch, device):
+            del x
+        return 0
+
+    return run
 
 
 def bench_data(
@@ -107,46 +180,72 @@ def bench_data(
     limit: int | None = None,
     seed: int = 0,
     max_busy: float | None = None,
+    batch: int = 32,
+    device: torch.device | str = "cpu",
 ) -> dict:
-    """Decode + training transform, images/s in this one process (= per data-loader worker), ours vs timm.
+    """Images per CPU-second of each data pipeline, whole: read + decode + training transform in one thread (a
+    loader worker), the batch stacked, on ``device``, normalised and erased there (ours) or per image (timm's
+    ``create_transform``), for this project's default pipeline, timm's and DALI's when installed.
 
-    The two pipelines take turns over the same files, round after round, with the same seeds; the per-stage
-    split of our pipeline (decode, transform) says where the time goes.
+    CPU time is the process's (``time.process_time``: every thread, system time included), so other load on a
+    shared machine does not count; the pipelines take turns over the same files, round after round (order flipped
+    every round), with the same seeds. ``ratio`` is ours over timm's, of the medians; ``round_ratios`` the spread.
     """
     import random
 
     import numpy as np
 
     recipe = {**RECIPE, **(recipe or {})}
+    device = torch.device(device)
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))[:limit]
     if not files:
         raise FileNotFoundError(f"no JPEG files under {folder}")
-    pipes = {"ours": our_pipeline(recipe), "timm": timm_pipeline(recipe)}
-    times: dict[str, list[float]] = {k: [] for k in pipes}
-    errors = dict.fromkeys(pipes, 0)
-    decode: list[float] = []
-    for r in range(rounds):
-        settle(max_busy)
-        for k in pipes if r % 2 == 0 else list(pipes)[::-1]:
-            load, transform = pipes[k]
-            random.seed(seed + r)  # RandAugment draws from python's and numpy's generators, erasing from torch's
-            np.random.seed(seed + r)
-            torch.manual_seed(seed + r)
-            t = time.perf_counter()
-            for f in files:
-                errors[k] += _transform_retrying(transform, load(f))
-            times[k].append((time.perf_counter() - t) / len(files))
-        t = time.perf_counter()
-        for f in files:
-            pipes["ours"][0](f)
-        decode.append((time.perf_counter() - t) / len(files))
-    out = {"folder": str(folder), "images": len(files), "recipe": recipe}
-    for k, ts in times.items():
-        out[k] = {"img_per_s": 1 / statistics.median(ts), "round_img_per_s": [1 / t for t in ts], "errors": errors[k]}
-    out["ours"]["decode_ms"] = statistics.median(decode) * 1e3
-    out["ours"]["transform_ms"] = 1e3 / out["ours"]["img_per_s"] - out["ours"]["decode_ms"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker; the batch stage's ops run in the same thread
+    try:
+        runners = _runners(recipe, device, batch)
+        cpu: dict[str, list[float]] = {k: [] for k in runners}
+        wall: dict[str, list[float]] = {k: [] for k in runners}
+        errors = dict.fromkeys(runners, 0)
+        for r in range(rounds):
+            settle(max_busy)
+            for k in runners if r % 2 == 0 else list(runners)[::-1]:
+                random.seed(seed + r)  # RandAugment draws from python's and numpy's generators, erasing from torch's
+                np.random.seed(seed + r)
+                torch.manual_seed(seed + r)
+                c, t = time.process_time(), time.perf_counter()
+                errors[k] += runners[k](files)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                cpu[k].append((time.process_time() - c) / len(files))
+                wall[k].append((time.perf_counter() - t) / len(files))
+        decode_ms = _decode_ms(files, recipe)
+    finally:
+        torch.set_num_threads(threads)
+    out: dict = {"folder": str(folder), "images": len(files), "batch": batch, "device": str(device), "recipe": recipe}
+    for k in runners:
+        out[k] = {
+            "img_per_s": 1 / statistics.median(cpu[k]),  # per CPU-second
+            "round_img_per_s": [1 / t for t in cpu[k]],
+            "wall_img_per_s": 1 / statistics.median(wall[k]),
+            "errors": errors[k],
+        }
+    out["ours"]["decode_ms"] = decode_ms
+    out["ours"]["transform_ms"] = 1e3 / out["ours"]["img_per_s"] - decode_ms
     out["ratio"] = out["ours"]["img_per_s"] / out["timm"]["img_per_s"]
+    out["round_ratios"] = [a / b for a, b in zip(cpu["timm"], cpu["ours"])]
+    if "dali" in out:
+        out["dali_ratio"] = out["dali"]["img_per_s"] / out["timm"]["img_per_s"]
     return out
+
+
+def _decode_ms(files: list[Path], recipe: dict) -> float:
+    """CPU ms per image of our pipeline's decode alone (the rest of its time is the transform and batch work)."""
+    load = our_pipeline(recipe)[0]
+    c = time.process_time()
+    for f in files:
+        load(f)
+    return (time.process_time() - c) / len(files) * 1e3
 
 
 def loader_throughput(
@@ -205,6 +304,7 @@ def data_share(img_per_s_per_core: float, step_ms: float, batch: int, threads: i
         "loader_ms_per_batch_one_core": prepare_ms,
         "step_ms": step_ms,
         "loader_fraction_of_step": fraction,
+        "cores_needed": math.ceil(fraction),  # loader cores that keep the step fed
         "spare_cores": spare,
         "bound": "data" if (fraction > spare if spare else shared > 0.5) else "compute",
         "data_share_shared_cores": shared,

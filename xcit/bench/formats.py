@@ -1,9 +1,11 @@
-"""Read + decode + the training transform, images/s for one data-loader worker, per dataset format, beside timm.
+"""Read + decode + the training transform (up to the uint8 pixels a worker returns), images/s for one data-loader
+worker, per dataset format, beside timm's (which also normalises and erases per image).
 
 The same JPEGs are read as an ImageFolder, as WebDataset shards (``xcit shard``'s writer) and as a Hugging Face
 ``save_to_disk`` dataset, each through this project's dataset (:class:`xcit.data.readers.ImageDataset`) with the
 official training transform, and through timm's ``ImageDataset`` loader on the folder with timm's same transform.
-The pipelines take turns round after round with the same seeds; medians are reported.
+The pipelines take turns round after round with the same seeds; medians of images per CPU-second (the process's
+CPU time, robust to other load) are reported.
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ def _formats(folder: Path, workdir: Path) -> dict[str, object]:
     from datasets import Image as HFImage
 
     from ..data.hfdata import open_hf
-    from ..data.readers import list_folder
     from ..data.shards import list_shards, write_shards
 
     disable_progress_bars()
-    folder_source, _ = list_folder(folder)
+    folder_source = jpeg_source(folder)
     shards = workdir / "wds"
     write_shards(folder_source, shards, "train", max_size=64 * 2**20, progress=False)
     rows = {"image": [{"bytes": Path(folder_source.path(i)).read_bytes(), "path": None}
@@ -45,6 +46,21 @@ def _formats(folder: Path, workdir: Path) -> dict[str, object]:
     }
 
 
+def jpeg_source(folder: Path):
+    """The JPEGs under ``folder`` (any depth; a flat folder too) as a folder source, one class per top-level
+    subfolder (``.`` for files directly in ``folder``), in :func:`xcit.bench.data.bench_data`'s order."""
+    from ..data.readers import FolderSource, encode_paths
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    if not files:
+        raise FileNotFoundError(f"no JPEG files under {folder}")
+    rel = [p.relative_to(folder) for p in files]
+    names = [r.parts[0] if len(r.parts) > 1 else "." for r in rel]
+    classes = sorted(set(names))
+    targets = np.asarray([classes.index(n) for n in names], dtype=np.int64)
+    return FolderSource(folder, classes, classes, encode_paths([str(r) for r in rel]), targets)
+
+
 def bench_formats(
     folder: str | Path, workdir: str | Path, rounds: int = 5, recipe: dict | None = None, max_busy: float | None = None
 ) -> dict:
@@ -52,13 +68,15 @@ def bench_formats(
     from timm.data import ImageDataset as TimmDataset
 
     from ..config.train_config import TrainConfig
+    from ..data.imageio import TENSOR_RGB
     from ..data.pipeline import train_transform
     from ..data.readers import ImageDataset
 
     recipe = {**RECIPE, **(recipe or {})}
     sources = _formats(Path(folder), Path(workdir))
-    ours = train_transform(TrainConfig(**recipe))
-    pipes = {name: ImageDataset(src, ours) for name, src in sources.items()}
+    cfg = TrainConfig(**recipe)
+    ours, mode = train_transform(cfg), TENSOR_RGB if cfg.data_backend == "fast" else "RGB"
+    pipes = {name: ImageDataset(src, ours, mode=mode) for name, src in sources.items()}
     timm_ds, timm_t = TimmDataset(str(folder)), timm_pipeline(recipe)[1]
     n = len(sources["folder"])
     times: dict[str, list[float]] = {k: [] for k in (*pipes, "timm")}
@@ -66,13 +84,13 @@ def bench_formats(
         settle(max_busy)
         for name in list(times) if r % 2 == 0 else list(times)[::-1]:
             random.seed(r), np.random.seed(r), torch.manual_seed(r)
-            t = time.perf_counter()
+            t = time.process_time()
             for i in range(n):
                 if name == "timm":
                     _transform_retrying(timm_t, timm_ds[i][0])
                 else:
                     pipes[name][i]
-            times[name].append((time.perf_counter() - t) / n)
+            times[name].append((time.process_time() - t) / n)
     out: dict = {"images": n, "recipe": recipe}
     for k, ts in times.items():
         out[k] = {"img_per_s": 1 / statistics.median(ts), "round_img_per_s": [1 / t for t in ts]}

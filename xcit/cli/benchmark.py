@@ -67,7 +67,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         const="",
         default=None,
         metavar="DIR",
-        help="time decode + training transform on a JPEG folder (no DIR: generate one)",
+        help="images per CPU-second of the data pipeline (file to normalised batch), ours vs timm's (and DALI's),\n"
+        "on a folder of JPEGs, then the training step it feeds (no DIR: generate 500x375 JPEGs from real photos)",
     )
     p.add_argument("--data-images", type=int, default=64, help="images in a generated --data folder")
     p.add_argument(
@@ -170,6 +171,19 @@ def report_sweep(res: dict) -> None:
         print(f"  16x tokens -> ours {s['time_ratio']:.1f}x time per image, deit {deit:.1f}x")
 
 
+def report_data(res: dict, folder) -> None:
+    """The data pipelines' images per CPU-second, ours over timm's with the rounds' spread."""
+    lo, hi = min(res["round_ratios"]), max(res["round_ratios"])
+    print(f"data pipeline on {res['images']} JPEGs ({folder}), file to normalised batch of {res['batch']} on"
+          f" {res['device']}, images per CPU-second (one thread):")  # fmt: skip
+    print(f"  ours {res['ours']['img_per_s']:.1f} (decode {res['ours']['decode_ms']:.2f} ms + the rest"
+          f" {res['ours']['transform_ms']:.2f} ms),  timm {res['timm']['img_per_s']:.1f}")  # fmt: skip
+    if "dali" in res:
+        print(f"  dali {res['dali']['img_per_s']:.1f} ({res['dali_ratio']:.3f}x timm)")
+    print(f"  ours/timm {res['ratio']:.3f} (medians of {len(res['round_ratios'])} alternating rounds;"
+          f" per round {lo:.3f} .. {hi:.3f})")  # fmt: skip
+
+
 def loader_share(args: argparse.Namespace, img_per_s_per_core: float) -> dict:
     """One training step of ``args.model`` timed here, against the time one core takes to prepare its batch:
     whether training on this machine waits for data (:func:`xcit.bench.data.data_share`)."""
@@ -185,6 +199,7 @@ def loader_share(args: argparse.Namespace, img_per_s_per_core: float) -> dict:
         f" ({share['loader_fraction_of_step']:.2f} of the step); with {share['spare_cores']} core(s) to spare for"
         f" loader workers: {share['bound']}-bound"
         + ("" if share["spare_cores"] else f", {100 * share['data_share_shared_cores']:.0f}% of the time on data")
+        + f"; not to wait for data the step needs {share['cores_needed']} loader core(s)"
     )
     return share
 
@@ -230,14 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"command": "xcit benchmark " + shlex.join(sys.argv[2:] if argv is None else argv)}
     if args.data is not None:
         folder = args.data or D.write_jpegs(D.default_jpeg_dir(), n=args.data_images)
-        res = D.bench_data(folder, rounds=args.rounds, max_busy=args.settle)
+        res = D.bench_data(folder, rounds=args.rounds, max_busy=args.settle, device=args.device)
         results["data"] = res
-        print(f"data pipeline on {res['images']} JPEGs ({folder}), one worker:")
-        print(
-            f"  ours {res['ours']['img_per_s']:.1f} img/s (decode {res['ours']['decode_ms']:.2f} ms + transform"
-            f" {res['ours']['transform_ms']:.2f} ms),  timm {res['timm']['img_per_s']:.1f} img/s,"
-            f"  ours/timm {res['ratio']:.3f}"
-        )
+        report_data(res, folder)
         results["data_formats"] = formats(folder, args.rounds, args.settle)
         results["data_share"] = loader_share(args, res["ours"]["img_per_s"])
     elif args.cpu_paths:

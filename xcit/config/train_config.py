@@ -75,6 +75,8 @@ class TrainConfig:
     train_split: str = _k("train", "training split folder name")
     val_split: str = _k("val", "validation split folder name")
     data_format: str = _k("auto", "auto | folder | wds (WebDataset shards) | hf (Hugging Face dataset)", xcit=True)
+    data_backend: str = _k("fast", "fast (torchvision JPEG decode, one-pass crop) | pil (Pillow: timm's pixels) | "
+                           "dali (NVIDIA DALI, the dali extra)", xcit=True)  # fmt: skip
     dataset_download: bool = _k(False, "MindCV downloads MNIST/CIFAR; here data must be an ImageFolder")
     num_parallel_workers: int = _k(8, "data loader worker processes (capped at the CPU count)")
     shuffle: bool = _k(True, "shuffle the training set every epoch")
@@ -301,6 +303,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "distillation_type": ("none", "soft", "hard"),
     "ema_warmup": EMA_WARMUPS,
     "data_format": ("auto", "folder", "wds", "hf"),
+    "data_backend": ("fast", "pil", "dali"),
 }
 _PROBABILITIES = ("hflip", "vflip", "re_prob", "cutmix_prob", "mixup_switch_prob", "label_smoothing", "warmup_factor")
 _PROBABILITIES += ("distillation_alpha", "head_drop_rate")

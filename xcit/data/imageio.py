@@ -19,6 +19,10 @@ from PIL import Image
 # PIL's own bomb threshold (about 89 Mpx, a 0.25 GB RGB buffer); far above any training image
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
+# ``mode`` asking for 8-bit RGB as a uint8 tensor (C, H, W) where torchvision decodes the file (baseline and
+# progressive RGB or grey JPEGs), a PIL RGB image otherwise; see :func:`_decode_jpeg`
+TENSOR_RGB = "RGB:tensor"
+
 
 class ImageError(ValueError):
     """An image file that cannot be decoded, or that is refused. The message names the file."""
@@ -60,7 +64,8 @@ def to_mode(im: Image.Image, mode: str = "RGB") -> Image.Image:
 
 
 def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, mode: str = "RGB") -> Image.Image:
-    """Decode ``path`` fully into an 8-bit RGB image (or another ``mode``, :func:`to_mode`).
+    """Decode ``path`` fully into an 8-bit RGB image (or another ``mode``, :func:`to_mode`; :data:`TENSOR_RGB`: a
+    uint8 tensor for JPEGs).
 
     Raises ``FileNotFoundError`` for a missing file and :class:`ImageError` for an empty, corrupt, truncated or
     non-image file, or one that declares more than ``max_pixels`` pixels (checked from the header, before decoding).
@@ -70,6 +75,8 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, mode: str = 
         raise FileNotFoundError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file")
+    if mode == TENSOR_RGB:  # one read of the file: the header check and the decoder share the bytes
+        return _decode(io.BytesIO(path.read_bytes()), str(path), max_pixels, mode)
     return _decode(path, str(path), max_pixels, mode)
 
 
@@ -91,6 +98,11 @@ def _decode(src, name: str, max_pixels: int, mode: str = "RGB") -> Image.Image:
                         f"{name}: refused, declares {w}x{h} = {w * h} pixels (limit {max_pixels}); "
                         f"possible decompression bomb"
                     )
+                if mode == TENSOR_RGB:
+                    pixels = _decode_jpeg(src, im)
+                    if pixels is not None:
+                        return pixels
+                    mode = "RGB"
                 im.load()
                 return to_mode(im, mode)
     except ImageError:
@@ -102,3 +114,21 @@ def _decode(src, name: str, max_pixels: int, mode: str = "RGB") -> Image.Image:
     except Exception as e:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ImageError(f"{name}: cannot decode image ({reason})") from None
+
+
+def _decode_jpeg(src, im: Image.Image):
+    """An RGB or grey JPEG decoded by torchvision's ``decode_jpeg`` as 8-bit RGB ``(3, H, W)`` (a view of HWC
+    memory), else None (other formats and modes, or a file it refuses: Pillow then decodes it and names the error).
+
+    Both libraries decode with libjpeg-turbo (islow DCT, fancy upsampling): the pixels are Pillow's exactly (checked
+    in tests/test_data.py), in about two thirds of the time, because Pillow also unpacks RGB into its 4-byte pixels.
+    """
+    if im.format != "JPEG" or im.mode not in ("RGB", "L") or not isinstance(src, io.BytesIO):
+        return None
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(src.getbuffer()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None

@@ -31,7 +31,9 @@ from torch.utils.data import DataLoader, Subset
 from ..config.train_config import ConfigError, TrainConfig
 from ..model.preprocessing import PIL_MODES, Preprocessing, channel_stats
 from ..runtime.preemption import worker_ignores_stop_signals
+from .device import DeviceLoader
 from .formats import detect_format, layout, open_split, relabel
+from .imageio import TENSOR_RGB
 from .readers import CountingLoader, ImageDataset, collate
 from .sampler import ResumableSampler, SeededDataset
 
@@ -100,12 +102,13 @@ def build_datasets(
         if opened is None:
             raise DataError(f"train split not found: {root / cfg.train_split} ({layout(fmt, root)})")
         source, listing = opened
+        fast = cfg.data_backend == "fast" and PIL_MODES[cfg.in_channels] == "RGB"  # JPEGs decoded by torchvision
         train = ImageDataset(
             relabel(source, classes) if classes else source,
             train_transform(cfg),
             False,
             listing,
-            PIL_MODES[cfg.in_channels],
+            TENSOR_RGB if fast else PIL_MODES[cfg.in_channels],
         )
         _report(f"{root / cfg.train_split}", train)
         if not len(train):
@@ -125,7 +128,11 @@ def build_datasets(
     _check_val_classes(f"{root / cfg.val_split}", source.classes, classes, label_set, skip_unknown_val, exact_classes)
     prep = eval_prep or Preprocessing.from_train_config(cfg)
     val = ImageDataset(
-        relabel(source, classes or source.classes), eval_transform(prep), True, listing, PIL_MODES[prep.in_chans]
+        relabel(source, classes or source.classes),
+        eval_transform(prep, uint8=True),
+        True,
+        listing,
+        PIL_MODES[prep.in_chans],
     )
     _report(f"{root / cfg.val_split}", val)
     if not len(val):
@@ -160,13 +167,35 @@ def _erasing_mode(re_value: int | float | str) -> str:
     return {"random": "rand", "pixel": "pixel", "const": "const"}.get(str(re_value), "const")
 
 
-def train_transform(cfg: TrainConfig):
-    """timm's ImageNet training transform (official recipe), then random erasing with MindCV's area/aspect keys.
-    Images have ``in_channels`` bands (RGB, grey or RGBA, :data:`xcit.model.preprocessing.PIL_MODES`), normalised with
-    one mean/std per band (:func:`xcit.model.preprocessing.channel_stats`)."""
+class WorkerTransform:
+    """What a loader worker runs on one image: the recipe's augmentations ending in a uint8 ``(C, H, W)`` tensor
+    (timm's ``use_prefetcher`` form). ``mean`` and ``std`` (per band, 0-1 scale) are for the batch stage on the
+    training device (:class:`xcit.data.device.BatchStage`), which normalises the whole batch there."""
+
+    def __init__(self, transforms: list, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.transforms, self.mean, self.std = transforms, tuple(mean), tuple(std)
+
+    def __call__(self, img) -> torch.Tensor:
+        for t in self.transforms:
+            img = t(img)
+        return img
+
+    def __repr__(self) -> str:
+        body = "".join(f"\n    {t}" for t in self.transforms)
+        return f"{type(self).__name__}({body}\n    mean={self.mean}, std={self.std})"
+
+
+def train_transform(cfg: TrainConfig) -> WorkerTransform:
+    """timm's ImageNet training transform (official recipe) up to uint8 pixels, as timm's ``create_transform(...,
+    use_prefetcher=True)`` builds it; normalisation and random erasing run once per batch on the training device
+    (:func:`batch_stage`). Images have ``in_channels`` bands (RGB, grey or RGBA,
+    :data:`xcit.model.preprocessing.PIL_MODES`), normalised with one mean/std per band
+    (:func:`xcit.model.preprocessing.channel_stats`). With ``data_backend: fast`` the random resized crop takes
+    decoded JPEG tensors in one pass (:mod:`xcit.data.fastcrop`)."""
     from timm.data import create_transform
-    from timm.data.random_erasing import RandomErasing
-    from torchvision import transforms
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from .fastcrop import OnePassRandomResizedCrop
 
     mean, std = channel_stats(*cfg.norm_mean_std, cfg.in_channels)
     spec = cfg.timm_auto_augment
@@ -184,12 +213,26 @@ def train_transform(cfg: TrainConfig):
         mean=mean,
         std=std,
         re_prob=0.0,
+        use_prefetcher=True,
     )
     _posterize_accepts_zero_bits(t)
-    _fuse_to_tensor_normalize(t)
+    ops = list(t.transforms)
     if trivial:
-        at = next(i for i, op in enumerate(t.transforms) if isinstance(op, ToNormalizedTensor))
-        t.transforms.insert(at, trivial_augment_wide(spec, cfg.interpolation, mean))
+        ops.insert(len(ops) - 1, trivial_augment_wide(spec, cfg.interpolation, mean))  # before MaybePILToTensor
+    if cfg.data_backend == "fast" and isinstance(ops[0], RandomResizedCropAndInterpolation):
+        ops[0] = OnePassRandomResizedCrop.like(ops[0])
+    return WorkerTransform(ops, mean, std)
+
+
+def batch_stage(cfg: TrainConfig, device: torch.device | str = "cpu"):
+    """The training batch's device-side work: normalisation with ``cfg``'s mean/std, then timm's
+    ``RandomErasing`` (MindCV's area/aspect keys) on ``device``, as timm's ``PrefetchLoader`` does."""
+    from timm.data.random_erasing import RandomErasing
+
+    from .device import BatchStage
+
+    mean, std = channel_stats(*cfg.norm_mean_std, cfg.in_channels)
+    erase = None
     if cfg.re_prob > 0:
         erase = RandomErasing(
             cfg.re_prob,
@@ -199,10 +242,9 @@ def train_transform(cfg: TrainConfig):
             max_aspect=cfg.re_ratio[1],
             mode=_erasing_mode(cfg.re_value),
             max_count=cfg.re_count,
-            device="cpu",
+            device=torch.device(device),
         )
-        t = transforms.Compose([*t.transforms, erase])
-    return t
+    return BatchStage(mean, std, device, erase)
 
 
 def trivial_augment_wide(spec: str, interpolation: str, mean: tuple[float, ...]):
@@ -276,16 +318,18 @@ def _posterize_accepts_zero_bits(transform) -> None:
                     op.aug_fn = _posterize
 
 
-def eval_transform(prep: Preprocessing):
-    """Resize the short side to ``size / crop_pct`` with ``interpolation``, centre-crop ``size``, normalise."""
+def eval_transform(prep: Preprocessing, uint8: bool = False):
+    """Resize the short side to ``size / crop_pct`` with ``interpolation``, centre-crop ``size``, normalise
+    (one image; with ``uint8``, a :class:`WorkerTransform` that stops at the pixels and leaves the normalisation
+    to the batch stage on the device)."""
     from timm.data import create_transform
 
     p = prep
-    return _fuse_to_tensor_normalize(
-        create_transform(
-            p.size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation, mean=p.mean, std=p.std
-        )
-    )
+    t = create_transform(
+        p.size, is_training=False, crop_pct=p.crop_pct, interpolation=p.interpolation, mean=p.mean, std=p.std,
+        use_prefetcher=uint8,
+    )  # fmt: skip
+    return WorkerTransform(list(t.transforms), p.mean, p.std) if uint8 else _fuse_to_tensor_normalize(t)
 
 
 def mixup_fn(cfg: TrainConfig, num_classes: int):
@@ -327,8 +371,11 @@ def train_subset(ds: ImageDataset, num_samples: int | None, seed: int) -> ImageD
     return ds.subset(keep)  # same classes and transform; a plain dataset, not a Subset (see SeededDataset)
 
 
-def train_loader(ds: ImageDataset, cfg: TrainConfig, world: int, rank: int) -> CountingLoader:
-    """Seeded, sharded, resumable training loader. ``batch_size`` is per rank. Bad files met are counted
+def train_loader(
+    ds: ImageDataset, cfg: TrainConfig, world: int, rank: int, device: torch.device | str = "cpu"
+) -> DeviceLoader:
+    """Seeded, sharded, resumable training loader. ``batch_size`` is per rank. Workers return uint8 batches; they
+    are normalised and randomly erased on ``device`` (:func:`batch_stage`). Bad files met are counted
     (:func:`xcit.data.readers.report_bad_reads`)."""
     sampler = ResumableSampler(
         len(ds),
@@ -341,7 +388,7 @@ def train_loader(ds: ImageDataset, cfg: TrainConfig, world: int, rank: int) -> C
         batch_size=cfg.batch_size,
     )
     n = _workers(cfg.num_parallel_workers)
-    return CountingLoader(
+    loader = CountingLoader(
         DataLoader(
             SeededDataset(ds),
             batch_size=cfg.batch_size,
@@ -356,14 +403,35 @@ def train_loader(ds: ImageDataset, cfg: TrainConfig, world: int, rank: int) -> C
             prefetch_factor=4 if n else None,
         )
     )
+    return DeviceLoader(loader, batch_stage(cfg, device), device)
 
 
-def val_loader(ds: ImageDataset, batch_size: int, workers: int, world: int, rank: int) -> CountingLoader:
+def loaders(train_set: ImageDataset, val_set: ImageDataset | None, cfg: TrainConfig, world: int, rank: int,
+            device: torch.device | str = "cpu"):  # fmt: skip
+    """The training and validation loaders of ``cfg.data_backend`` (``fast`` and ``pil``: DataLoader workers and the
+    batch stage on ``device``; ``dali``: :mod:`xcit.data.dali`). The validation loader is None without ``val_set``."""
+    if cfg.data_backend == "dali":
+        from .dali import dali_loaders
+
+        return dali_loaders(train_set, val_set, cfg, world, rank, device, None)
+    train = train_loader(train_set, cfg, world, rank, device)
+    val = (
+        None if val_set is None else val_loader(val_set, cfg.batch_size, cfg.num_parallel_workers, world, rank, device)
+    )
+    return train, val
+
+
+def val_loader(
+    ds: ImageDataset, batch_size: int, workers: int, world: int, rank: int, device: torch.device | str = "cpu"
+) -> DeviceLoader:
     """Rank ``r`` of ``W`` gets images ``r, r + W, ...``: shards differ by at most one image and none repeats.
-    Undecodable images are left out and named (``ds.skip_bad``), never replaced."""
+    Undecodable images are left out and named (``ds.skip_bad``), never replaced. Batches leave the workers as
+    uint8 and are normalised on ``device`` with the dataset transform's mean and std."""
+    from .device import BatchStage
+
     shard = Subset(ds, list(range(rank, len(ds), world)))
     n = _workers(workers)
-    return CountingLoader(
+    loader = CountingLoader(
         DataLoader(
             shard,
             batch_size=batch_size,
@@ -374,3 +442,4 @@ def val_loader(ds: ImageDataset, batch_size: int, workers: int, world: int, rank
             generator=torch.Generator(),
         )
     )
+    return DeviceLoader(loader, BatchStage(ds.transform.mean, ds.transform.std, device), device)

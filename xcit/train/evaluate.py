@@ -162,7 +162,7 @@ def validate(cfg, explicit: set[str] | frozenset = frozenset()) -> dict:
     if classes is None and len(val.classes) != getattr(model, "num_classes", len(val.classes)):
         log.warning("%d class folders, model head has %d outputs: labels are the sorted folder indices",
                     len(val.classes), model.num_classes)  # fmt: skip
-    loader = val_loader(val, cfg.batch_size, cfg.num_parallel_workers, world.size, world.rank)
+    loader = val_loader(val, cfg.batch_size, cfg.num_parallel_workers, world.size, world.rank, world.device)
     dtype, _ = amp_setup(cfg.val_amp_level, cfg.amp_dtype, 1.0, world.device)
     if cfg.compiles_on(world.device.type):  # as in training: `compile`, else graph mode (mode 0) on CUDA
         model = torch.compile(model)

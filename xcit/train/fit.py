@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..config.train_config import ConfigError, TrainConfig, check_training, notices, save_config
-from ..data.pipeline import build_datasets, mixup_fn, train_loader, train_subset, val_loader
+from ..data.pipeline import build_datasets, loaders, mixup_fn, train_subset
 from ..data.readers import report_bad_reads
 from ..runtime import distributed
 from ..runtime.checkpoint import (
@@ -166,8 +166,7 @@ def _build_data(cfg: TrainConfig, world: distributed.World, out: Path) -> _Data:
     classes = train_set.classes
     num_classes = _num_classes(cfg.num_classes, classes)
     train_set = train_subset(train_set, cfg.num_samples, cfg.seed)
-    loader = train_loader(train_set, cfg, world.size, world.rank)
-    vloader = val_loader(val_set, cfg.batch_size, cfg.num_parallel_workers, world.size, world.rank) if val_set else None
+    loader, vloader = loaders(train_set, val_set, cfg, world.size, world.rank, world.device)
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(train_set)} training images make no full batch of {cfg.batch_size} x {world.size}")
