@@ -24,7 +24,7 @@ import xcit
 from xcit.cli import main
 from xcit.model.arch import official_top1
 from xcit.weights.files import timm_to_official
-from xcit.weights.pretrained import RELEASES, PretrainedError, default_tag, markdown_table, resolve
+from xcit.weights.pretrained import RELEASES, PretrainedError, default_tag, list_pretrained, markdown_table, resolve
 
 from .conftest import perturb_
 
@@ -124,6 +124,7 @@ def test_releases_are_timms_tags_with_its_sources():
     for variant in xcit.list_models():
         assert default_tag(variant) == get_pretrained_cfg(variant).tag  # timm's default: the first tag listed
     assert resolve("xcit_small_12_p16_384").name == "xcit_small_12_p16_384.fb_dist_in1k"
+    assert set(list_pretrained("xcit_nano_12_p16")) == {n for n in names if n.startswith("xcit_nano_12_p16")}
     for variant in xcit.list_models():  # the variants' table (xcit models, recipes) agrees with the releases'
         assert official_top1(variant) == resolve(variant).top1, variant
 
@@ -400,3 +401,12 @@ def test_a_corrupt_cached_file_is_refused_naming_it(released, cache_env, tmp_pat
     Image.new("RGB", (32, 32)).save(img)
     assert main(["predict", str(img), "--model", VARIANT, "--pretrained"]) == 2
     assert "is corrupt" in _error_line(capsys)
+
+
+def test_a_corrupt_file_in_torch_hubs_cache_is_refused_naming_it(cache_env, tmp_path, capsys):
+    cache_env(hub=tmp_path / "empty_hub")
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / f"{VARIANT}.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"PK\x03\x04" + bytes(100))  # the start of a zip, then nothing: a cut-off download
+    with pytest.raises(PretrainedError, match=f"{NAME}: the cached file cannot be read.*{cached}"):
+        xcit.create_model(VARIANT, pretrained=True)

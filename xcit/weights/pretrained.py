@@ -78,10 +78,6 @@ class Release:
     def name(self) -> str:
         return f"{self.variant}.{self.tag}"
 
-    @property
-    def source(self) -> str:
-        return f"hf-hub:{self.hf_hub_id}" if self.hf_hub_id else self.url
-
     def preprocessing(self) -> Preprocessing:
         """The evaluation preprocessing the release's top-1 was measured with."""
         return Preprocessing(size=VARIANTS[self.variant].img_size, crop_pct=self.crop_pct, interpolation="bicubic")
@@ -377,14 +373,6 @@ def overlay(release: Release, changes: dict | None) -> Release:
     if unknown:
         raise ValueError(f"pretrained_cfg_overlay: only 'url' and 'hf_hub_id' are read, not {sorted(unknown)}")
     return replace(release, **changes)
-
-
-def file_size_bytes(variant: str) -> int:
-    """The tensor bytes of a variant's 1000-class fp32 weights: the size of its ``model.safetensors`` less the
-    header of a few kB (counted on the meta device, nothing allocated)."""
-    with torch.device("meta"):
-        sd = XCiT(get_config(variant)).state_dict()
-    return sum(t.numel() * t.element_size() for t in sd.values())
 
 
 def markdown_table() -> str:
