@@ -119,10 +119,46 @@ def test_export_command_on_a_training_checkpoint(model, tmp_path, caplog):
         torch.testing.assert_close(run_exported(out, "onnx", x), model(x), atol=1e-4, rtol=0)
     with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):  # static unless --dynamic-batch
         run_exported(out, "onnx", torch.randn(3, 3, 32, 48))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--format export writes .pt2 files"):
         export_cmd.main(["--format", "export", "--pretrained", str(ckpt), "--out", str(tmp_path / "m.onnx")])
     with pytest.raises(ValueError, match="multiple of the patch size"):
         export_cmd.main(["--pretrained", str(ckpt), "--out", str(out), "--img-size", "40"])
+
+
+def test_onnx_metadata_records_the_architecture_with_its_overrides(model):
+    from xcit.infer.export import onnx_metadata
+    from xcit.model.arch import XCiTConfig
+    from xcit.model.xcit import XCiT
+
+    meta = onnx_metadata(model, {"input_size": [3, 32, 32]}, list("abcdefghij"))
+    cfg = json.loads(meta["xcit_config"])
+    assert (cfg["embed_dim"], cfg["depth"], cfg["num_heads"], cfg["num_classes"]) == (32, 2, 2, 10)
+    XCiT(XCiTConfig(**cfg)).load_state_dict(model.state_dict())  # strict: the very architecture
+
+
+@pytest.mark.slow  # one ONNX export: about 15 s of CPU
+def test_onnx_metadata_rebuilds_the_real_model(model, tmp_path):
+    """The metadata names the architecture with its overrides (a 2-block, 32-wide nano here), so the file alone is
+    enough to rebuild the PyTorch model it came from."""
+    import dataclasses
+
+    import onnx
+
+    from xcit.model.arch import XCiTConfig
+    from xcit.model.xcit import XCiT
+
+    ckpt = tmp_path / "ckpt.pth"
+    state = {"model": model.state_dict(), "arch": "xcit_nano_12_p16_224", "classes": list("abcdefghij")}
+    torch.save({**state, "model_config": dataclasses.asdict(model.cfg)}, ckpt)
+    out = tmp_path / "m.onnx"
+    assert export_cmd.main(["--pretrained", str(ckpt), "--out", str(out), "--img-size", "32"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["architecture"] == "xcit_nano_12_p16_224" and json.loads(props["class_names"]) == list("abcdefghij")
+    rebuilt = XCiT(XCiTConfig(**json.loads(props["xcit_config"]))).eval()
+    rebuilt.load_state_dict(model.state_dict())  # strict: the same shapes as the exported model
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(run_exported(out, "onnx", x), rebuilt(x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("fmt", ["hub", "timm"])
