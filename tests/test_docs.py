@@ -231,7 +231,7 @@ def test_working_copy_uses_its_own_package(tmp_path):
     """The copy's ``xcit`` is the one imported, not the editable install's (a page is checked with its own code)."""
     repo = working_copy(tmp_path / "repo")
     out = subprocess.run(
-        [sys.executable, "-c", "import xcit; print(xcit.__file__)"],
+        [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('xcit').origin)"],
         cwd=tmp_path,
         env=environment(repo),
         capture_output=True,
