@@ -42,7 +42,7 @@ HUB_FILE = "model.safetensors"  # what timm's hub repos hold and timm's pretrain
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/xcit/{}.pth"  # official README; timm's cfgs keep the same URLs
 MINDCV_URL = "https://download.mindspore.cn/toolkits/mindcv/xcit/xcit_tiny_12_p16_224-1b1c9301.ckpt"  # MindCV cfg
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
-HUB_EXTRA = "pip install -e '.[hub]' (or pip install huggingface_hub)"
+HUB_EXTRA = "pip install -e '.[hub]', or pip install huggingface_hub"
 
 # ImageNet-1k top-1 of the official weights: (fb_in1k 224, fb_dist_in1k 224, fb_dist_in1k 384) for p16, then p8
 # (official README tables; paper table 9)
