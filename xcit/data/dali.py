@@ -38,7 +38,7 @@ def available() -> bool:
     """Whether NVIDIA DALI is installed."""
     try:
         return importlib.util.find_spec("nvidia.dali") is not None
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, ValueError):  # ValueError: a blocked module (sys.modules entry None)
         return False
 
 
