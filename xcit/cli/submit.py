@@ -270,11 +270,24 @@ def _submit(executor, task: TrainTask, job_dir: Path, ckpt_dir: Path, wait: bool
         return 0
     try:
         job.results()
+    except KeyboardInterrupt:
+        print(f"xcit submit: stopped waiting; SLURM job {job.job_id} goes on (scancel {job.job_id})", file=sys.stderr)
+        return 130
     except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as e:
-        print(f"xcit submit: SLURM job {job.job_id} failed ({job.state}): {_last_line(e)}", file=sys.stderr)
+        state = _final_state(job, "FAILED")
+        print(f"xcit submit: SLURM job {job.job_id} failed ({state}): {_last_line(e)}", file=sys.stderr)
         return 1
-    print(f"SLURM job {job.job_id} finished ({job.state})")
+    print(f"SLURM job {job.job_id} finished ({_final_state(job, 'COMPLETED')})")
     return 0
+
+
+def _final_state(job, default: str) -> str:
+    """sacct's state of the job now (submitit's cached one may still say RUNNING); ``default`` where accounting
+    cannot be asked."""
+    try:
+        return job.get_info(mode="force").get("State", default)
+    except Exception:  # any failure of sacct: the results are in, which is what counts
+        return default
 
 
 def _last_line(e: BaseException) -> str:
