@@ -69,3 +69,20 @@ def test_maps_keep_orientation_and_scale():
     blended = overlay(img, heat.numpy(), cmap="gray", alpha=1.0)
     assert blended[r, c].tolist() == [255, 255, 255] and blended[19, 0].tolist() == [0, 0, 0]
     assert (overlay(img, heat.numpy(), alpha=0.0) == img).all()
+
+
+def test_channel_blocks_past_the_end_are_one_line_and_exit_2(tmp_path, capsys):
+    """`xcit attention --channel-blocks` on a 2-block model: 3 and -7 are refused by name before any map is drawn,
+    not wrapped to blocks 1 and 0."""
+    from xcit.cli.main import main
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    w = _weights(tmp_path)
+    for bad in ("3", "-7"):
+        out = tmp_path / f"out{bad}"
+        argv = ["attention", str(tmp_path / "img.png"), "--pretrained", str(w), "--out", str(out)]
+        assert main([*argv, "--channel-blocks", "0", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("xcit attention: error: feature index ") and len(err.splitlines()) == 1
+        assert f"feature index {bad} is out of range (0 to 1" in err and "2 XCA blocks" in err
+        assert not out.exists()

@@ -82,3 +82,10 @@ def test_mask_rcnn_training_step():
     with torch.no_grad():
         det = model(images[:1])[0]
     assert set(det) == {"boxes", "labels", "scores", "masks"}
+
+
+def test_out_indices_past_the_last_block_are_refused():
+    with pytest.raises(ValueError, match=r"feature index 12 is out of range \(0 to 11.* 12 XCA blocks"):
+        xcit.XCiTBackbone("xcit_nano_12_p16_224", embed_dim=32, num_heads=2, out_indices=[3, 5, 7, 12])
+    bb = xcit.XCiTBackbone("xcit_nano_12_p16_224", embed_dim=32, num_heads=2, out_indices=[3, 5, 7, -1])
+    assert bb.out_indices == [3, 5, 7, 11]

@@ -1,4 +1,4 @@
-"""oneDNN's fused GEMM/conv + GELU kernels: the same values as the unfused ops, used only for CPU inference."""
+"""oneDNN's fused GEMM + GELU kernels: the same values as the unfused ops, used only for CPU inference."""
 
 import pytest
 import torch
@@ -37,42 +37,15 @@ def test_linear_gelu_matches_unfused(dtype, approximate):
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("cin", "cout", "stride", "groups"), [(3, 8, 2, 1), (16, 16, 1, 16), (8, 16, 2, 1)])
-def test_conv_gelu_matches_unfused(dtype, cin, cout, stride, groups):
-    g = torch.Generator().manual_seed(1)
-    w, b = torch.randn(cout, cin // groups, 3, 3, generator=g) * 0.3, torch.randn(cout, generator=g)
-    for x in (
-        torch.randn(2, cin, 9, 12, generator=g),
-        torch.randn(2, cin, 8, 8, generator=g).to(memory_format=torch.channels_last),
-    ):
-        with torch.no_grad():
-            got = fused.conv_gelu(x, w, b, stride, groups, "none", dtype)
-            want = F.gelu(
-                F.conv2d(
-                    x.to(dtype).float(),
-                    w.to(dtype).float(),
-                    b.to(dtype).float(),
-                    stride=stride,
-                    padding=1,
-                    groups=groups,
-                )
-            )
-        assert got.dtype == dtype and got.shape == want.shape
-        assert got.is_contiguous(memory_format=torch.channels_last)
-        _close(got, want, dtype)
-
-
-@needs_onednn
 def test_inference_uses_fused_kernels_training_does_not(tiny_kwargs):
     from .conftest import ops_run
 
     m = perturb_(xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs)).eval()
     x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(0))
-    fused_gelu = {"mkldnn._linear_pointwise[gelu]", "mkldnn._convolution_pointwise[gelu]"}
+    fused_gelu = {"mkldnn._linear_pointwise[gelu]"}
     for linears in (False, True):  # the GEMMs with a bias in oneDNN too, or in ATen
         try:
-            fused_on = dict(fused_gelu_fp32=True, fused_gelu_bf16=True, fused_conv_gelu=True)  # whatever the family
+            fused_on = dict(fused_gelu_fp32=True, fused_gelu_bf16=True)  # whatever the family
             cpu.set_paths(onednn_linear_bf16=linears, onednn_linear_fp32=linears, **fused_on)
             with torch.no_grad():
                 inference = set(ops_run(lambda: m(x)))

@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import torch
 
 import xcit
+from xcit.fast import forwards, plain
 from xcit.model.pyramid import XCiTPyramid
 
 from .conftest import perturb_
@@ -36,11 +39,14 @@ def test_timm_parity(name, tmp_path):
     assert "pos_embeder.token_projection.weight" in official and "cls_attn_blocks.0.attn.qkv.weight" in official
     torch.save({"model": official}, tmp_path / "official.pth")
     from_official = xcit.create_model(name, pretrained=tmp_path / "official.pth").eval()
+    slow = plain(copy.deepcopy(ours))  # the plain forwards (what export and tracing record)
+    assert type(ours) is forwards.FastXCiT and type(slow) is xcit.XCiT
     for hw in [(224, 224), (160, 224)]:
         x = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             want = ref(x)
             assert (ours(x) - want).abs().max() <= 1e-4
+            assert (slow(x) - want).abs().max() <= 1e-4
             assert (from_official(x) - want).abs().max() <= 1e-4
 
 
@@ -92,9 +98,13 @@ def test_xca_zero_input_fp16_no_nan():
     attn = xcit.model.xcit.XCA(32, 2)
     attn.qkv.bias.data.zero_()
     x = torch.zeros(1, 16, 32, dtype=torch.float16)
+    big = torch.full((1, 4096, 32), 60.0, dtype=torch.float16)  # |q|^2 over the tokens overflows fp16
     with torch.no_grad():
-        a, _ = attn.half().attention(x)
-    assert torch.isfinite(a).all()
+        for x in (x, big):
+            a, _ = attn.half().attention(x)
+            fast, _ = forwards._channel_attention(attn, x)
+            assert torch.isfinite(a).all() and torch.isfinite(fast).all()
+            assert torch.isfinite(attn(x)).all()
 
 
 def test_forward_intermediates_and_pyramid():
@@ -208,17 +218,17 @@ def test_xca_low_precision_cpu_layout_matches_fp32(dtype):
     """CPU bf16/fp16 take their own GEMM layouts for q^T k and the channel mixing: same values as fp32 on the same
     (rounded) inputs, with batch, heads, head dim and tokens all different so that a transposed index shows."""
     g = torch.Generator().manual_seed(3)
-    attn = perturb_(xcit.model.xcit.XCA(24, 3), 3).eval()
+    attn = perturb_(forwards.FastXCA(24, 3), 3).eval()
     attn.temperature.data = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
     x = torch.randn(2, 10, 24, generator=g).to(dtype)
     shortcut, gamma = torch.randn(2, 10, 24, generator=g).to(dtype), torch.rand(24, generator=g)
     low = attn.to(dtype)
     with torch.no_grad():
         got = low(x, shortcut=shortcut, gamma=gamma.to(dtype)).float()
-        a_low, _ = low.attention(x)
+        a_low, _ = forwards._channel_attention(low, x)
         ref = attn.float()
         want = ref(x.float(), shortcut=shortcut.float(), gamma=gamma.to(dtype).float())
-        a_ref, _ = ref.attention(x.float())
+        a_ref, _ = forwards._channel_attention(ref, x.float())
     torch.testing.assert_close(a_low.float(), a_ref, rtol=0, atol=2e-2)
     torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.abs().max().item())
 
@@ -255,3 +265,29 @@ def test_ddp_finds_every_gradient_in_its_bucket_layout(tmp_path, tiny_kwargs):
     assert not [w for w in seen if "strides" in str(w.message)]
     for p in m.parameters():
         assert p.grad.stride() == p.stride()
+
+
+def test_block_indices_past_the_end_are_refused_not_wrapped(tiny_kwargs):
+    """An index past either end names itself and the block count, as timm's message does; negative ones count from
+    the end, as Python and timm count them."""
+    m = xcit.create_model("xcit_nano_12_p16_224", **tiny_kwargs).eval()  # 2 blocks
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for bad in ([0, 3], [0, -3], [12]):
+            with pytest.raises(ValueError, match=rf"feature index {bad[-1]} is out of range \(0 to 1.* 2 XCA blocks"):
+                m.forward_intermediates(x, indices=bad)
+            with pytest.raises(ValueError, match=rf"feature index {bad[-1]} is out of range"):
+                m.channel_attention(x, bad)
+        with pytest.raises(ValueError, match=r"last-n \(3\) is out of range \(1 to 2\)"):
+            m.forward_intermediates(x, indices=3)
+        last = m.forward_intermediates(x, indices=[-1], intermediates_only=True)[0]
+        torch.testing.assert_close(last, m.forward_intermediates(x, indices=[1], intermediates_only=True)[0])
+        assert set(m.channel_attention(x, [-2, -1])) == {0, 1}
+    with pytest.raises(ValueError, match=r"feature index 12 is out of range \(0 to 11"):
+        xcit.create_model(
+            "xcit_nano_12_p16_224", embed_dim=32, num_heads=2, features_only=True, out_indices=[3, 5, 7, 12]
+        )
+    pyr = xcit.create_model(
+        "xcit_nano_12_p16_224", embed_dim=32, num_heads=2, features_only=True, out_indices=[3, 5, 7, -1]
+    )
+    assert pyr.out_indices == [3, 5, 7, 11]

@@ -22,7 +22,6 @@ from ..fast import cpu
 SWITCH_DTYPE = {  # the precision in which each switch matters
     "fused_gelu_fp32": None,
     "fused_gelu_bf16": torch.bfloat16,
-    "fused_conv_gelu": None,
     "batched_heads_bf16": torch.bfloat16,
     "cache_bf16_weights": torch.bfloat16,
     "onednn_linear_bf16": torch.bfloat16,

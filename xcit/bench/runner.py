@@ -141,16 +141,12 @@ def _build(s):
 
 
 def _gemm_of(func, args: tuple) -> Callable[[], object]:
-    """A call of ``func`` on fresh arguments; the fused GEMM/conv + GELU ops without their GELU."""
+    """A call of ``func`` on fresh arguments; the fused GEMM + GELU ops without their GELU."""
     a = [_build(s) for s in args]
     if func is torch.ops.xcit.linear_gelu.default:
         x, w, b, _, dtype = a
         x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
         return lambda: F.linear(x, w, b)
-    if func is torch.ops.xcit.conv_gelu.default:
-        x, w, b, stride, groups, _, dtype = a
-        x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
-        return lambda: F.conv2d(x, w, b, stride=stride, padding=1, groups=groups)
     if func is torch.ops.mkldnn._linear_pointwise.default:  # eager's fused kernels, without the epilogue
         return lambda: func(*a[:3], "none", [], "")
     if func is torch.ops.mkldnn._linear_pointwise.binary:  # (x, other, weight, bias, attr)

@@ -13,6 +13,7 @@ from ..config.options import Parser
 from ..data.imageio import load_rgb, to_mode
 from ..infer.predict import class_names, eval_preprocessing, load_model
 from ..infer.visualize import display_scale, save_channel_maps, save_overlays
+from ..model.indices import block_indices
 from ..model.preprocessing import PIL_MODES
 from ._args import add_weights_arguments
 
@@ -37,7 +38,13 @@ def _parser() -> argparse.ArgumentParser:
         help="H [W] the model sees (multiples of the patch size); default: the image's own size rounded to the "
         "patch, enlarged so the short side is at least the model's training resolution",
     )
-    p.add_argument("--channel-blocks", type=int, nargs="*", default=[], help="XCA blocks whose channel maps to draw")
+    p.add_argument(
+        "--channel-blocks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="XCA blocks whose channel maps to draw (negative ones count from the end: -1 is the last)",
+    )
     p.add_argument("--cmap", default="jet", help="matplotlib colormap (default: %(default)s)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default: %(default)s)")
     p.add_argument("--display-min", type=int, default=256, help="enlarge smaller images to this side for display")
@@ -53,15 +60,16 @@ def model_input_size(width: int, height: int, patch: int, min_short: int) -> tup
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if Path(args.image).is_dir():  # before the model loads; load_rgb would call it "not found"
+        raise ValueError(f"{args.image} is a folder: xcit attention draws one image file (xcit predict takes folders)")
     model = load_model(args.model, args.pretrained, use_ema=args.ema)
+    channel_blocks = block_indices(args.channel_blocks, len(model.blocks))  # past either end: one line, exit 2
     prep = eval_preprocessing(model)
     image = load_rgb(args.image)
     p = model.patch_size
     if args.img_size:
         H, W = (args.img_size * 2)[:2]
     else:
-    if Path(args.image).is_dir():  # before the model loads; load_rgb would call it "not found"
-        raise ValueError(f"{args.image} is a folder: xcit attention draws one image file (xcit predict takes folders)")
         H, W = model_input_size(*image.size, p, int(prep["input_size"][-1]))
     from torchvision import transforms as T
 
@@ -85,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     scale = display_scale(image.size, args.display_min)
     title = f"{Path(args.image).name}: {label} ({prob:.2f})"
     paths = save_overlays(image, attn[0], args.out, scale, args.cmap, args.alpha, title)
-    if args.channel_blocks:
+    if channel_blocks:
         with torch.no_grad():
-            maps = model.channel_attention(x, args.channel_blocks)
+            maps = model.channel_attention(x, channel_blocks)
         paths += save_channel_maps({i: m[0] for i, m in maps.items()}, args.out)
     summary = {"image": str(args.image), "input_size": [H, W], "label": label, "prob": float(prob)}
     (Path(args.out) / "attention.json").write_text(json.dumps({**summary, "files": [p.name for p in paths]}) + "\n")

@@ -18,6 +18,13 @@ Override, for a whole process or from code:
 * :func:`set_paths` (``xcit.fast.cpu.set_paths(fused_gelu_bf16=False)``), or ``set_paths()`` to return to the default.
 
 The switches change speed only: every path gives the same values up to floating-point rounding (tested).
+
+Each switch is here because some family measured a gain beyond the run-to-run noise with it one way or the other
+(the figures by each family below). A switch that measured within the noise everywhere was removed with its code
+path: ``fused_conv_gelu`` (oneDNN conv + GELU in one kernel for the patch embedding and LPI) measured 0.98x on/off
+on AMD EPYC Zen 4 (7 alternating rounds, per-round 0.91-1.15x), within 2% either way on the AVX2 family, and neutral
+compiled (LPI's conv + GELU as a plain conv and inductor's GELU + BatchNorm pass); the convs now run as plain convs
+with the GELU in place.
 """
 
 from __future__ import annotations
@@ -41,7 +48,6 @@ class FastPaths:
 
     fused_gelu_fp32: bool = True  # oneDNN GEMM + GELU (the MLP's fc1) in one kernel, fp32 inference
     fused_gelu_bf16: bool = True  # the same in bf16 (explicit or autocast)
-    fused_conv_gelu: bool = True  # oneDNN conv + GELU (patch embedding, LPI) in one kernel, fp32 and bf16
     batched_heads_bf16: bool = True  # bf16 q^T k as one GEMM over (image, head), channel mixing per head
     cache_bf16_weights: bool = True  # the fused kernels keep bf16 copies of fp32 weights across calls
     onednn_linear_bf16: bool = False  # qkv and fc2 in oneDNN, bias added in the epilogue (ATen's addmm: a pass more)

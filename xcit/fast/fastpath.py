@@ -1,9 +1,8 @@
-"""The fast paths behind :mod:`xcit.model.xcit`'s forwards: the same values as the plain ops, computed with fewer
-passes.
+"""The fast paths behind :mod:`xcit.fast.forwards`: the same values as the plain ops, computed with fewer passes.
 
 Each helper takes the plain computation's inputs and picks, by where it runs, how to compute it:
 
-* eager inference on CPU: oneDNN's fused GEMM/conv + GELU (:mod:`xcit.fast.fused`), GELUs in place, BatchNorm folded
+* eager inference on CPU: oneDNN's fused GEMM + GELU (:mod:`xcit.fast.fused`), GELUs in place, BatchNorm folded
   into the preceding conv, residual adds accumulated by the GEMM that produces the branch; where the CPU family
   wants it, the other GEMMs with a bias in oneDNN too (bias, LayerScale and in fp32 the residual add in the GEMM's
   epilogue, weights prepacked once per parameter);
@@ -13,13 +12,10 @@ Each helper takes the plain computation's inputs and picks, by where it runs, ho
 * tracing, export, and anything with autograd: the standard ops (exported graphs hold nothing custom).
 
 Which CPU paths are taken also depends on the CPU family (:func:`xcit.fast.cpu.paths`). Every branch is covered by the
-parity tests against timm (values and gradients) and by ``tests/test_fused.py``.
+parity tests against timm and the plain forwards (values and gradients) and by ``tests/test_fused.py``.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -98,11 +94,8 @@ def linear_gelu(fc: nn.Linear, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
     return act_(act, fc(x))
 
 
-def depthwise_conv_gelu(conv: nn.Conv2d, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
-    """``act(conv(x))`` for LPI's depthwise 3x3 conv, one oneDNN kernel in CPU inference."""
-    dtype = fused.compute_dtype(x, conv.weight, epilogue="conv_gelu")
-    if dtype is not None:
-        return fused.conv_gelu(x, conv.weight, conv.bias, 1, conv.groups, act.approximate, dtype)
+def conv_gelu(conv: nn.Conv2d, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
+    """``act(conv(x))`` for LPI's depthwise 3x3 conv, the GELU in place in inference."""
     return act_(act, conv(x))
 
 
@@ -117,18 +110,14 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Te
 
 def conv_bn_act(stage: nn.Sequential, act: nn.GELU | None, x: torch.Tensor) -> torch.Tensor:
     """``act(bn(conv(x)))`` of one patch-embedding stage (``act`` None: no activation). In eval BN is folded into
-    the conv (one pass instead of two) and, in CPU inference, the GELU runs inside it. The output is channels_last
-    (oneDNN's fastest conv layout, and tokens are then a free view)."""
+    the conv (one pass instead of two) and the GELU runs in place. The output is channels_last (oneDNN's fastest
+    conv layout, and tokens are then a free view)."""
     conv, bn = stage[0], stage[1]
-    dtype = fused.compute_dtype(x, conv.weight, epilogue="conv_gelu") if act is not None and not bn.training else None
-    if dtype is None:  # the fused kernel relayouts (and casts) in its own single pass
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     if bn.training:
         x = stage(x)
     else:
         w, b = fold_bn(conv, bn)
-        if dtype is not None:
-            return fused.conv_gelu(x, w, b, conv.stride[0], 1, act.approximate, dtype)
         x = F.conv2d(x, w, b, stride=conv.stride, padding=conv.padding)
     return act_(act, x) if act is not None else x
 
@@ -193,20 +182,3 @@ def mixing(attn_t: torch.Tensor, w_h: torch.Tensor) -> torch.Tensor:
         return (attn_t @ w_h).view(B, C, C)
     m = torch.bmm(attn_t.transpose(0, 1).reshape(h, -1, d), w_h)  # one GEMM per head over all images: (h, B d, C)
     return m.view(h, B, d, C).transpose(0, 1).reshape(B, C, C)
-
-
-@contextlib.contextmanager
-def running_stats_frozen(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers in ``module`` normalise with batch statistics as usual but leave their running statistics
-    as they were: a checkpointed block runs its forward again in backward, and its batch must count once."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    bns = [m for m in bns if m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
-    try:
-        yield
-    finally:
-        for m, (momentum, seen) in zip(bns, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(seen)

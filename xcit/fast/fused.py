@@ -1,8 +1,8 @@
-"""oneDNN's fused GEMM + GELU and conv + GELU for CPU inference.
+"""oneDNN's fused GEMM + GELU (and GEMMs with their bias and residual add in the epilogue) for CPU inference.
 
-A GELU after a GEMM or conv costs a full pass over the largest activations of the network (the MLP's 4x hidden
-layer, the patch embedding's 112 x 112 maps). oneDNN computes it in the GEMM's or conv's epilogue, while the
-output tile is still in registers, with the same exact erf (or tanh) formula. inductor's own erf is about twice as
+A GELU after a GEMM costs a full pass over the largest activations of the network (the MLP's 4x hidden layer).
+oneDNN computes it in the GEMM's epilogue, while the output tile is still in registers, with the same exact erf
+(or tanh) formula. inductor's own erf is about twice as
 slow as ATen's and oneDNN's, and inductor only fuses these epilogues for frozen graphs, so the fused kernels are
 wrapped in custom ops that both eager mode and ``torch.compile`` call as they are.
 
@@ -25,11 +25,11 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+from torch.utils.flop_counter import register_flop_formula
 
 from . import cpu
 
-__all__ = ["AVAILABLE", "compute_dtype", "conv_gelu", "linear", "linear_add", "linear_gelu"]
+__all__ = ["AVAILABLE", "compute_dtype", "linear", "linear_add", "linear_gelu"]
 
 
 # bf16 copies of fp32 parameters (and, where the family wants it, GEMM weights in oneDNN's blocked layout), kept
@@ -138,55 +138,16 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dt
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int,
-                    approximate: str, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    weight, bias = _cast(weight, dtype), _cast(bias, dtype)
-    # oneDNN keeps the input's layout for the output (cast, then relayout: a copy doing both at once is 2x slower)
-    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    try:
-        y = torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, [1, 1], [stride, stride], [1, 1], groups, "gelu", [], approximate
-        )
-    except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
-        y = F.gelu(F.conv2d(x, weight, bias, stride=stride, padding=1, groups=groups), approximate=approximate)
-    return y.contiguous(memory_format=torch.channels_last)
-
-
-@torch.library.custom_op("xcit::conv_gelu", mutates_args=())
-def _conv_gelu_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    stride: int,
-    groups: int,
-    approximate: str,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    return _conv_pointwise(x, weight, bias, stride, groups, approximate, dtype)
-
-
-@_conv_gelu_op.register_fake
-def _(x, weight, bias, stride: int, groups: int, approximate: str, dtype: torch.dtype):
-    B, _, H, W = x.shape
-    size = (B, weight.shape[0], (H - 1) // stride + 1, (W - 1) // stride + 1)  # 3x3, padding 1
-    return x.new_empty(size, dtype=dtype).contiguous(memory_format=torch.channels_last)
-
-
 def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     if args and isinstance(args[0], (list, tuple)) and len(args[0]) == 2:  # (x, other, weight, ...): the binary form
         w_shape = args[0]
     return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # the GEMM's, as FlopCounterMode counts addmm
 
 
-def _conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return conv_flop_count(x_shape, w_shape, out_shape)
-
-
 # the custom ops (what torch.compile sees) and the oneDNN kernels behind them (what eager mode calls)
 register_flop_formula([torch.ops.xcit.linear_gelu, torch.ops.xcit.linear, torch.ops.mkldnn._linear_pointwise])(
     _linear_flops
 )
-register_flop_formula([torch.ops.xcit.conv_gelu, torch.ops.mkldnn._convolution_pointwise])(_conv_flops)
 
 
 def _probe() -> bool:
@@ -194,16 +155,11 @@ def _probe() -> bool:
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         return False
     try:
-        x = torch.linspace(-3, 3, 2 * 8 * 4 * 4).view(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
-        w, b = torch.linspace(-1, 1, 8 * 9).view(8, 1, 3, 3), torch.linspace(-1, 1, 8)
-        wl = torch.linspace(-1, 1, 8 * 16).view(8, 16)
+        x = torch.linspace(-3, 3, 2 * 8 * 16).view(2, 8, 16)
+        w, b = torch.linspace(-1, 1, 8 * 16).view(8, 16), torch.linspace(-1, 1, 8)
         with torch.no_grad():
-            conv = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 8, "gelu", [], "none")
-            lin = torch.ops.mkldnn._linear_pointwise(x.flatten(2), wl, b, "gelu", [], "tanh")
-            return bool(
-                torch.allclose(conv, F.gelu(F.conv2d(x, w, b, padding=1, groups=8)), atol=1e-5)
-                and torch.allclose(lin, F.gelu(F.linear(x.flatten(2), wl, b), approximate="tanh"), atol=1e-5)
-            )
+            lin = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
+            return bool(torch.allclose(lin, F.gelu(F.linear(x, w, b), approximate="tanh"), atol=1e-5))
     except RuntimeError:
         return False
 
@@ -215,8 +171,7 @@ _BINARY = AVAILABLE and "binary" in torch.ops.mkldnn._linear_pointwise.overloads
 
 def compute_dtype(x: torch.Tensor, *params: torch.Tensor, epilogue: str = "gelu") -> torch.dtype | None:
     """The dtype a fused kernel would run ``x`` in (autocast's if it is on), or None where it must not be used.
-    ``epilogue``: "gelu" for GEMM + GELU, "conv_gelu" for conv + GELU, "linear" for a GEMM with its bias (and
-    residual) in the epilogue."""
+    ``epilogue``: "gelu" for GEMM + GELU, "linear" for a GEMM with its bias (and residual) in the epilogue."""
     if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_exporting():
         return None
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
@@ -227,8 +182,6 @@ def compute_dtype(x: torch.Tensor, *params: torch.Tensor, epilogue: str = "gelu"
     chosen = cpu.paths()  # by CPU family (xcit.fast.cpu): where the fused kernels are faster than the plain ops
     if epilogue == "linear":
         return dtype if (chosen.onednn_linear_fp32 if dtype == torch.float32 else chosen.onednn_linear_bf16) else None
-    if epilogue == "conv_gelu":
-        return dtype if chosen.fused_conv_gelu else None
     return dtype if (chosen.fused_gelu_fp32 if dtype == torch.float32 else chosen.fused_gelu_bf16) else None
 
 
@@ -264,11 +217,3 @@ def linear_add(
         return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), shortcut, w, bias, "add")
     except RuntimeError:  # a shape or dtype this oneDNN has no kernel for
         return shortcut + F.linear(x, _plain_weight(weight, x.dtype, scale), bias)
-
-
-def conv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, groups: int, approximate: str,
-              dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """``gelu(conv2d(x, weight, bias, stride, padding=1, groups))`` for 3x3 kernels, channels_last, one kernel."""
-    if torch.compiler.is_compiling():
-        return _conv_gelu_op(x.to(dtype), weight, bias, stride, groups, approximate, dtype)  # cast fused upstream
-    return _conv_pointwise(x, weight, bias, stride, groups, approximate, dtype)

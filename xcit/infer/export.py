@@ -12,6 +12,9 @@ symbolic for ``aten::mT``, which the attention uses, and even with one its graph
 
 The exported graphs cannot raise the model's friendly error for sizes that are not a multiple of the patch size:
 feed multiples of ``patch_size`` (16 or 8).
+
+Every exporter records the model's plain forwards (:func:`xcit.fast.plain_forwards`): standard ATen ops only, the
+computation as the paper writes it; the model keeps its own forwards afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..fast import plain_forwards
 from ..model.xcit import XCiT
 
 log = logging.getLogger("xcit")
@@ -33,10 +37,6 @@ FORMATS = ("onnx", "torchscript", "export")
 DEFAULT_OPSET = 18  # ONNX opset written by default; onnxruntime >= 1.14 runs it
 
 
-def _dims(model: XCiT, dynamic_batch: bool, dynamic_size: bool) -> dict[int, object]:
-    from torch.export import Dim
-
-    dims: dict[int, object] = {}
 # the file names each --format writes; a .pth named .onnx (or the reverse) misleads whoever opens it next
 OUT_SUFFIXES = {
     "onnx": (".onnx",),
@@ -70,6 +70,10 @@ def onnx_metadata(model: XCiT, preprocessing: dict, class_names: list[str]) -> d
     }
 
 
+def _dims(model: XCiT, dynamic_batch: bool, dynamic_size: bool) -> dict[int, object]:
+    from torch.export import Dim
+
+    dims: dict[int, object] = {}
     if dynamic_batch:
         dims[0] = Dim("batch", min=1, max=4096)
     if dynamic_size:
@@ -87,7 +91,8 @@ def export_program(
     dims = _dims(model, dynamic_batch, dynamic_size)
     if dynamic_batch and example.shape[0] == 1:  # torch.export specialises size-1 axes: trace with a batch of 2
         example = example.expand(2, -1, -1, -1)
-    return torch.export.export(model.eval(), (example,), dynamic_shapes={"x": dims or None})
+    with plain_forwards(model.eval()):
+        return torch.export.export(model, (example,), dynamic_shapes={"x": dims or None})
 
 
 def save_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> Path:
@@ -102,7 +107,8 @@ def export_torchscript(model: XCiT, example: torch.Tensor, path: str | os.PathLi
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the patch-size check is data-independent
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
-        traced = torch.jit.trace(model.eval(), (example,))
+        with plain_forwards(model.eval()):
+            traced = torch.jit.trace(model, (example,))
     traced.save(str(path))
     return Path(path)
 

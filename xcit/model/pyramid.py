@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .indices import block_indices
 from .xcit import XCiT
 
 
@@ -30,9 +31,10 @@ class XCiTPyramid(nn.Module):
     def __init__(self, model: XCiT, out_indices: list[int] | None = None) -> None:
         super().__init__()
         self.model = model
-        self.out_indices = out_indices or default_out_indices(len(model.blocks))
-        if len(self.out_indices) != 4:
-            raise ValueError(f"need 4 out_indices, got {self.out_indices}")
+        if out_indices is not None and len(out_indices) != 4:
+            raise ValueError(f"need 4 out_indices, got {list(out_indices)}")
+        # as non-negative block positions (negative ones count from the end); past either end: a ValueError
+        self.out_indices = block_indices(out_indices or default_out_indices(len(model.blocks)), len(model.blocks))
         D = model.num_features
         self.out_channels = D
         self.channels = [D] * 4

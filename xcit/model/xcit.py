@@ -6,6 +6,9 @@ state dicts load directly; official and MindCV files are converted in :mod:`xcit
 
 The file reads in the order the network runs: patch embedding, Fourier positional encoding, XCA, LPI, the XCA
 block, class attention, then the model. The architecture record and the variants live in :mod:`xcit.model.arch`.
+Every forward here is the plain computation, as in timm's ``models/xcit.py``: what GPUs, tracing and export run.
+:mod:`xcit.fast` subclasses these modules with forwards that compute the same values in fewer passes, and
+:func:`xcit.fast.accelerate` switches a model to them (``xcit.create_model`` does so by default).
 
 Two numerics flavours exist:
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -25,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..fast import fastpath
 from .arch import XCiTConfig
+from .indices import block_indices
 from .timm_api import TimmModelApi
 
 
@@ -51,6 +55,23 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+@contextlib.contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in ``module`` normalise with batch statistics as usual but leave their running statistics
+    as they were: a checkpointed block runs its forward again in backward, and its batch must count once."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    bns = [m for m in bns if m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (momentum, seen) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(seen)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -81,19 +102,14 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) image -> (B, D, H/p, W/p) grid, in channels_last memory (so tokens are a free view)."""
-        layers = list(self.proj)
-        stages, acts = layers[0::2], layers[1::2]  # conv-BN stages with a GELU between each pair
-        for i, stage in enumerate(stages):
-            x = fastpath.conv_bn_act(stage, acts[i] if i < len(acts) else None, x)
-        return x
+        """(B, C, H, W) image -> (B, D, H/p, W/p) grid."""
+        return self.proj(x)
 
 
 class PositionalEncodingFourier(nn.Module):
     """Fourier features of the (y, x) patch position projected to D by a 1x1 conv (official xcit.py).
 
-    Computed from the grid size, so any resolution works without interpolation. The Fourier features depend on the
-    grid alone and are kept for the last (H, W, device) seen; only the 1x1 projection runs at every call.
+    Computed from the grid size, so any resolution works without interpolation.
     """
 
     def __init__(self, dim: int, hidden_dim: int = 32, temperature: float = 10000.0) -> None:
@@ -103,7 +119,6 @@ class PositionalEncodingFourier(nn.Module):
         self.temperature = temperature
         self.scale = 2 * math.pi
         self.eps = 1e-6
-        self._cache: dict[tuple, torch.Tensor] = {}
 
     def features(self, H: int, W: int, device: torch.device) -> torch.Tensor:
         """The (1, 2*hidden_dim, H, W) Fourier features, in fp32."""
@@ -121,16 +136,9 @@ class PositionalEncodingFourier(nn.Module):
         return pos.permute(2, 0, 1).unsqueeze(0)
 
     def forward(self, H: int, W: int) -> torch.Tensor:
-        """(1, H*W, D) positional tokens."""
+        """(1, H*W, D) positional tokens: the 1x1 projection of the features, as a linear map over tokens."""
         w = self.token_projection.weight
-        if fastpath.graph_capture():
-            pos = self.features(H, W, w.device).flatten(2).transpose(1, 2)
-        else:  # the features depend only on the grid: compute them once per (H, W, device)
-            key = (H, W, w.device)
-            if key not in self._cache:
-                with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in training too
-                    self._cache = {key: self.features(H, W, w.device).flatten(2).transpose(1, 2).contiguous()}
-            pos = self._cache[key]  # (1, HW, 2hd)
+        pos = self.features(H, W, w.device).flatten(2).transpose(1, 2)
         return F.linear(pos.to(w.dtype), w.flatten(1), self.token_projection.bias)
 
 
@@ -139,21 +147,16 @@ class PositionalEncodingFourier(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _l2_normalize(t: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(t, dim=-1)`` (eps 1e-12), written as a sum of squares: ONNX exports before opset 18 (whose
+    ReduceL2 takes its axes as an attribute) cannot convert F.normalize's ReduceL2."""
+    return t / t.square().sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
 class XCA(nn.Module):
-    """Cross-covariance attention (paper sec. 3.1): a softmax over the (d_h x d_h) channel map ``q^T k``.
-
-    Tokens stay in (B, N, C) layout throughout and nothing of size N is copied (but v in the unfolded form below):
-
-    * each head's ``q^T k`` is one GEMM on strided views of the qkv output;
-    * the L2 normalisation of q and k over tokens is applied to the small (d_h x d_h) Gram matrix instead of to q
-      and k (``q^T k / (|q| |k|)`` is the same value), in fp32 so that bf16 never divides by an underflowed norm;
-    * the per-head channel mixing ``attn @ v`` is folded into ``proj``: ``proj(v attn^T) = v (W_p blockdiag(attn))^T``
-      costs the same FLOPs (d_h C^2 instead of d_h C N, less for N > C) and needs no head transposes (CPU fp32
-      inference on CPU families where one GEMM over all tokens is faster than a batched one per image computes
-      ``attn @ v`` and then ``proj``: :func:`xcit.fast.fastpath.folds_mixing`).
-
-    Cost is linear in N.
-    """
+    """Cross-covariance attention (paper sec. 3.1): each head mixes its d_h channels by the softmax of the
+    (d_h x d_h) cross-covariance ``temperature * q^T k`` of L2-normalised q and k (normalised over tokens), so the
+    cost is linear in the number of tokens. MindCV's port skips the normalisation (``qk_norm`` False)."""
 
     def __init__(self, dim: int, num_heads: int, flavour: str = "official", proj_drop: float = 0.0) -> None:
         super().__init__()
@@ -162,46 +165,23 @@ class XCA(nn.Module):
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)  # unused with a shortcut: XCABlock runs unfused while it is active
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the (B, h, d, d) channel attention (fp32) and v as (B, N, h, d)."""
+        """The (B, h, d_h, d_h) channel attention (fp32) and v as (B, h, d_h, N)."""
         B, N, C = x.shape
-        h = self.num_heads
-        qkv = fastpath.linear(self.qkv, x)  # (B, N, 3C)
-        q, k, v = qkv.unflatten(-1, (3, C)).unbind(-2)  # each (B, N, C), views
-        if self.qk_norm and q.dtype == torch.float16:  # fp16 Gram entries can overflow before normalisation:
-            # normalise first (1 / 1e-12 is inf in fp16, so scale in fp32; unit vectors then fit fp16)
-            qn, kn = (fastpath.column_norms(t) for t in (q, k))  # (B, C)
-            q, k = (q.float() / qn.unsqueeze(1)).to(q.dtype), (k.float() / kn.unsqueeze(1)).to(k.dtype)
-            attn = fastpath.gram(q, k, h, normalise=False)
-        else:  # official: F.normalize(q, dim=-1) over tokens with eps 1e-12 (MindCV's port does not normalise)
-            # q^T k / (|q| |k|), the norms applied to the small (d_h x d_h) Gram matrix, in fp32
-            attn = fastpath.gram(q, k, h, normalise=self.qk_norm)
-        attn = (attn * self.temperature.float()).softmax(dim=-1)
-        return attn, v.view(B, N, h, C // h)
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1).unbind(0)
+        if self.qk_norm:  # F.normalize over tokens, in fp32: in fp16 |q|^2 overflows and the eps 1e-12 is 0
+            q, k = (_l2_normalize(t.float()).to(t.dtype) for t in (q, k))  # unit rows: q k^T fits fp16
+        attn = (q @ k.mT).float() * self.temperature.float()
+        return attn.softmax(dim=-1), v
 
-    def forward(
-        self, x: torch.Tensor, shortcut: torch.Tensor | None = None, gamma: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``proj(XCA(x))``, or ``shortcut + gamma * proj(XCA(x))`` with the residual accumulated by the GEMM."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) tokens -> ``proj`` of every head's channels mixed by its attention."""
         B, N, C = x.shape
-        h = self.num_heads
         attn, v = self.attention(x)
-        if not fastpath.folds_mixing(v):  # attn @ v, then proj as one GEMM over every token
-            z = fastpath.attend(attn.to(v.dtype), v)
-            if shortcut is not None:
-                return fastpath.add_linear(shortcut, z, self.proj.weight, self.proj.bias, gamma)
-            out = fastpath.linear(self.proj, z)
-            return self.proj_drop(out if gamma is None else out * gamma)
-        v = v.flatten(2)
-        w_t, b = self.proj.weight.t(), self.proj.bias  # (C_in, C_out)
-        if gamma is not None:  # LayerScale folded into proj's output columns
-            w_t, b = w_t * gamma, b * gamma
-        # out[n, o] = sum_{h,i,j} Wp[o, (h, i)] attn[h, i, j] v[n, (h, j)]: mixing[(h, j), o] = (attn_h^T Wp_h^T)[j, o]
-        mixing = fastpath.mixing(attn.to(v.dtype).mT, w_t.view(h, C // h, C))
-        out = fastpath.add_baddbmm(shortcut, b, v, mixing)
-        return self.proj_drop(out) if shortcut is None else out
+        x = (attn.to(v.dtype) @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
 
 
 class LPI(nn.Module):
@@ -218,50 +198,26 @@ class LPI(nn.Module):
             w = conv.weight.data
             conv.weight.data = w.as_strided(w.shape, (w.shape[2] * w.shape[3], 1, w.shape[3], 1))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        H: int,
-        W: int,
-        shortcut: torch.Tensor | None = None,
-        gamma: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``LPI(x)`` on (B, N, C) tokens, or ``shortcut + gamma * LPI(x)``."""
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """(B, N, C) tokens of an H x W grid -> the same shape."""
         B, N, C = x.shape
-        # (B, N, C) is already NHWC in memory: view it as a channels_last NCHW tensor, no copy
-        x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)
-        x = self.bn(fastpath.depthwise_conv_gelu(self.conv1, self.act, x))
-        w, b = self.conv2.weight, self.conv2.bias
-        # eager: conv2 is linear, so the LayerScale folds into its weights exactly. Compiled: inductor fuses it into
-        # the residual add, and oneDNN's depthwise conv with computed weights is ~1.7x slower inside its graphs
-        fold = gamma is not None and not torch.compiler.is_compiling()
-        if fold:
-            w, b = w * gamma.view(-1, 1, 1, 1), b * gamma
-        x = F.conv2d(x, w, b, padding=1, groups=C).permute(0, 2, 3, 1).reshape(B, N, C)
-        if gamma is not None and not fold:
-            x = x * gamma
-        return x if shortcut is None else shortcut + x
+        x = x.transpose(1, 2).reshape(B, C, H, W)  # a view: channels_last memory
+        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        return x.reshape(B, C, N).transpose(1, 2)
 
 
 class Mlp(nn.Module):
+    """fc1 (D -> 4D), GELU, fc2, with dropout after the GELU and after fc2 (official Mlp)."""
+
     def __init__(self, dim: int, hidden: int, flavour: str = "official", drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = _gelu(flavour)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)  # after the GELU and after fc2 (official Mlp); not with a shortcut, as in XCA
+        self.drop = nn.Dropout(drop)
 
-    def forward(
-        self, x: torch.Tensor, shortcut: torch.Tensor | None = None, gamma: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``fc2(act(fc1(x)))``, or ``shortcut + gamma * fc2(...)`` with the residual accumulated by the GEMM."""
-        x = self.drop(fastpath.linear_gelu(self.fc1, self.act, x))
-        w, b = self.fc2.weight, self.fc2.bias
-        if shortcut is not None:  # LayerScale folded into fc2's output rows, the residual add into its GEMM
-            return fastpath.add_linear(shortcut, x, w, b, gamma)
-        if gamma is not None:  # (dropout's mask commutes with the LayerScale)
-            w, b = w * gamma.unsqueeze(-1), b * gamma
-        return self.drop(F.linear(x, w, b))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class XCABlock(nn.Module):
@@ -282,14 +238,9 @@ class XCABlock(nn.Module):
         self.gamma2 = nn.Parameter(cfg.eta * torch.ones(D))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        if self.training and (self.drop_path.p > 0 or self.mlp.drop.p > 0):  # branches kept separate to drop them
-            x = x + self.drop_path(self.attn(self.norm1(x), gamma=self.gamma1))
-            x = x + self.drop_path(self.local_mp(self.norm3(x), H, W, gamma=self.gamma3))
-            return x + self.drop_path(self.mlp(self.norm2(x), gamma=self.gamma2))
-        # x + gamma * branch(norm(x)), with gamma folded into each branch's last linear map
-        x = self.attn(self.norm1(x), shortcut=x, gamma=self.gamma1)
-        x = self.local_mp(self.norm3(x), H, W, shortcut=x, gamma=self.gamma3)
-        return self.mlp(self.norm2(x), shortcut=x, gamma=self.gamma2)
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), H, W))
+        return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -298,12 +249,7 @@ class XCABlock(nn.Module):
 
 
 class ClassAttn(nn.Module):
-    """Attention with the class token as the only query; keys and values are all N+1 tokens.
-
-    k and v are never materialised: with one query per head, ``q . (W_k x_n + b_k) = (W_k^T q) . x_n + q . b_k``
-    where the last term is the same for every token and cancels in the softmax, and ``sum_n a_n (W_v x_n + b_v) =
-    W_v (sum_n a_n x_n) + b_v`` because the weights sum to 1. That is O(h N C) instead of O(N C^2) and exact.
-    """
+    """Attention with the class token as the only query; keys and values are all N+1 tokens (CaiT)."""
 
     def __init__(self, dim: int, num_heads: int, proj_drop: float = 0.0) -> None:
         super().__init__()
@@ -315,23 +261,21 @@ class ClassAttn(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, N, C) tokens, class token first -> the class token's update (B, 1, C), and (B, h, 1, N) weights
+        """(B, N, C) tokens, class token first -> the class token's update (B, 1, C), and the (B, h, 1, N) weights
         if ``return_attention``."""
         B, N, C = x.shape
-        h, d = self.num_heads, C // self.num_heads
-        q = self.q(x[:, 0]).view(B, h, d) * d**-0.5
-        qk = (q.transpose(0, 1) @ self.k.weight.view(h, d, C)).transpose(0, 1)  # (B, h, C) = W_k^T q per head
-        # the constant q . b_k changes nothing after the softmax but keeps b_k in the graph (DDP wants every
-        # parameter to receive a gradient)
-        logits = torch.baddbmm((q * self.k.bias.view(h, d)).sum(-1, keepdim=True), qk, x.mT)
-        attn = logits.float().softmax(dim=-1)  # (B, h, N)
-        mean = attn.to(x.dtype) @ x  # (B, h, C): attention-weighted token average per head
-        v = (mean.transpose(0, 1) @ self.v.weight.view(h, d, C).mT).transpose(0, 1).reshape(B, C) + self.v.bias
-        out = self.proj_drop(self.proj(v)).unsqueeze(1)
-        return out, attn.unsqueeze(2) if return_attention else None
+        h = self.num_heads
+        q = self.q(x[:, :1]).reshape(B, 1, h, C // h).transpose(1, 2) * (C // h) ** -0.5
+        k = self.k(x).reshape(B, N, h, C // h).transpose(1, 2)
+        v = self.v(x).reshape(B, N, h, C // h).transpose(1, 2)
+        attn = (q @ k.mT).float().softmax(dim=-1)  # (B, h, 1, N)
+        cls = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, 1, C)
+        return self.proj_drop(self.proj(cls)), attn if return_attention else None
 
 
 class ClassAttentionBlock(nn.Module):
+    """Class attention and an MLP on the class token; the patch tokens pass through (with the official quirks)."""
+
     def __init__(self, cfg: XCiTConfig) -> None:
         super().__init__()
         D = cfg.embed_dim
@@ -343,30 +287,15 @@ class ClassAttentionBlock(nn.Module):
         self.gamma2 = nn.Parameter(cfg.eta * torch.ones(D))
         self.tokens_norm = cfg.tokens_norm
 
-    def forward(
-        self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 1 + N, C) -> the same shape, or only the (B, 1, C) class token if ``cls_only`` (the logits need no
-        more from the last block)."""
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1 + N, C) -> the same shape, and the class attention if ``return_attention``."""
         x_norm = self.norm1(x)
-        update, attn = self.attn(x_norm, return_attention)
-        cls = x[:, :1] + self.gamma1 * update
-        if cls_only:  # norm2 always reaches the class token, with or without tokens_norm
-            cls = self.norm2(cls)
-            return cls + self.gamma2 * self.mlp(cls), attn
-        # official quirk kept for weight parity: patch tokens get gamma1 * norm1(x) added, not left untouched
-        x = torch.addcmul(x, self.gamma1, x_norm)
-        x[:, :1] = cls
-        if self.tokens_norm:
-            x = self.norm2(x)
-        else:
-            x = torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
-        # official quirk: x + cat(gamma2 * mlp(cls), x[:, 1:]) doubles the patch tokens (x + x == 2 x exactly)
-        cls = x[:, :1]
-        cls = cls + self.gamma2 * self.mlp(cls)
-        x = x * 2
-        x[:, :1] = cls
-        return x, attn
+        cls, attn = self.attn(x_norm, return_attention)
+        # official quirk kept for weight parity: the patch tokens get gamma1 * norm1(x) added, not left untouched
+        x = x + self.gamma1 * torch.cat([cls, x_norm[:, 1:]], dim=1)
+        x = self.norm2(x) if self.tokens_norm else torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
+        # official quirk: x + cat(gamma2 * mlp(cls), x[:, 1:]) doubles the patch tokens
+        return x + torch.cat([self.gamma2 * self.mlp(x[:, :1]), x[:, 1:]], dim=1), attn
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -479,20 +408,17 @@ class XCiT(TimmModelApi, nn.Module):
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             if torch.compiler.is_compiling():  # the backward graph recomputes activations only, no buffer updates
                 return checkpoint(blk, x, Hp, Wp, use_reentrant=False)
-            contexts = lambda: (contextlib.nullcontext(), fastpath.running_stats_frozen(blk))  # noqa: E731 (forward, recompute)
+            contexts = lambda: (contextlib.nullcontext(), running_stats_frozen(blk))  # noqa: E731 (forward, recompute)
             return checkpoint(blk, x, Hp, Wp, use_reentrant=False, context_fn=contexts)
         return blk(x, Hp, Wp)
 
-    def forward_cls(
-        self, x: torch.Tensor, return_attention: bool = False, cls_only: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prepend the class token and run the class-attention blocks. Returns tokens (only the (B, 1, D) class
-        token if ``cls_only``) and the last block's (B, h, 1, 1 + N) class attention if ``return_attention``."""
+    def forward_cls(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prepend the class token and run the class-attention blocks. Returns the (B, 1 + N, D) tokens and the
+        last block's (B, h, 1, 1 + N) class attention if ``return_attention``."""
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         attn = None
-        last = len(self.cls_attn_blocks) - 1
         for i, blk in enumerate(self.cls_attn_blocks):
-            x, attn = blk(x, return_attention and i == last, cls_only and i == last)
+            x, attn = blk(x, return_attention and i == len(self.cls_attn_blocks) - 1)
         return x, attn
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -509,10 +435,12 @@ class XCiT(TimmModelApi, nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """Logits, or ``(logits, attn)`` with the last class-attention block's cls->patch weights if
+        ``return_attention``."""
         x, Hp, Wp = self.embed(x)
         for blk in self.blocks:
             x = self._run_block(blk, x, Hp, Wp)
-        x, attn = self.forward_cls(x, return_attention, cls_only=True)  # the logits only read the class token
+        x, attn = self.forward_cls(x, return_attention)
         logits = self.forward_head(self.norm(x))
         if not return_attention:
             return logits
@@ -527,8 +455,9 @@ class XCiT(TimmModelApi, nn.Module):
         return attn[:, :, 0]
 
     def channel_attention(self, x: torch.Tensor, indices: list[int] | None = None) -> dict[int, torch.Tensor]:
-        """XCA channel-covariance maps (B, heads, d_h, d_h) of the chosen blocks (default: all)."""
-        want = set(range(len(self.blocks)) if indices is None else [i % len(self.blocks) for i in indices])
+        """XCA channel-covariance maps (B, heads, d_h, d_h) of the chosen blocks (default: all; negative indices
+        count from the end; an index past either end is a ValueError)."""
+        want = set(block_indices(indices, len(self.blocks)))
         x, Hp, Wp = self.embed(x)
         maps = {}
         for i, blk in enumerate(self.blocks):
@@ -547,18 +476,12 @@ class XCiT(TimmModelApi, nn.Module):
     ):
         """Outputs of chosen XCA blocks as (B, D, H/p, W/p) maps (or (B, N, D) with ``output_fmt="NLC"``).
 
-        ``indices``: None for all blocks, an int n for the last n, or a list of block indices (negative allowed).
+        ``indices``: None for all blocks, an int n for the last n, or a list of block indices (negative ones count
+        from the end; an index past either end is a ValueError, as in timm).
         Returns ``(final_tokens, intermediates)``, or only the list if ``intermediates_only``.
         """
         depth = len(self.blocks)
-        if indices is None:
-            take = list(range(depth))
-        elif isinstance(indices, int):
-            take = list(range(depth - indices, depth))
-        else:
-            take = [i % depth for i in indices]
-        if any(i < 0 or i >= depth for i in take):
-            raise ValueError(f"block indices must lie in [0, {depth}), got {indices}")
+        take = block_indices(indices, depth)
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         x, Hp, Wp = self.embed(x)

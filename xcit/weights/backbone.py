@@ -39,7 +39,8 @@ class XCiTBackbone(nn.Module):
             class-attention weights are not used; the fpn layers start fresh), mmdet / mmseg checkpoints of the
             official dense-task code (the ``backbone.`` part, ``fpn1``-``fpn4`` included; neck, heads and meta are
             left out with a notice), or this class's own ``state_dict()``. Every XCA-stage key must be there.
-        out_indices: the four XCA blocks to tap (default: the official backbone's).
+        out_indices: the four XCA blocks to tap (default: the official backbone's); negative ones count from the
+            end, and one past either end is a ValueError.
         drop_path_rate: stochastic depth of the XCA blocks (the official detection recipes use 0.05-0.1).
         checkpoint_key: the entry of a whole checkpoint to take (DINO: ``"teacher"`` by default, or ``"student"``).
         **overrides: :class:`xcit.XCiTConfig` fields (``embed_dim``, ``depth``, ``in_chans``, ...), e.g. for tiny
@@ -74,9 +75,8 @@ class XCiTBackbone(nn.Module):
         model.cls_attn_blocks = nn.ModuleList()
         model.norm = nn.Identity()
         del model.cls_token
-        self.body = XCiTPyramid(model, out_indices)
-        taps = [i % len(model.blocks) for i in self.body.out_indices]
-        if len(set(taps)) != 4:
+        self.body = XCiTPyramid(model, out_indices)  # indices past the last block: a ValueError naming them
+        if len(set(self.body.out_indices)) != 4:
             raise ValueError(
                 f"the pyramid taps 4 different XCA blocks, got {self.body.out_indices} for depth {len(model.blocks)}: "
                 "use depth >= 4 or pass 4 distinct out_indices"

@@ -6,6 +6,7 @@ import difflib
 from dataclasses import fields, replace
 from pathlib import Path
 
+from ..fast import accelerate
 from ..model.arch import VARIANTS, XCiTConfig, get_config, gmacs, list_models, official_top1
 from ..model.preprocessing import pyramid_feature_info, timm_conventions
 from ..model.pyramid import XCiTPyramid
@@ -31,6 +32,7 @@ def create_model(
     use_ema: bool = False,
     checkpoint_key: str | None = None,
     pretrained_cfg_overlay: dict | None = None,
+    fast: bool = True,
     **overrides,
 ) -> XCiT | XCiTPyramid:
     """Build a variant by name. The model carries timm's ``pretrained_cfg`` (evaluation preprocessing: the weight
@@ -58,6 +60,8 @@ def create_model(
             its ``teacher``).
         pretrained_cfg_overlay: timm's argument: ``url`` / ``hf_hub_id`` replace the release's sources (e.g. a
             mirror's URL; ``hf_hub_id=None`` goes to the URL directly).
+        fast: run the fast forwards (:func:`xcit.fast.accelerate`: the same values in fewer passes, oneDNN's
+            fused kernels on CPU); False keeps the plain ones (:func:`xcit.fast.plain` switches either way later).
         **overrides: any :class:`XCiTConfig` field (``embed_dim``, ``depth``, ``flavour``, ``drop_rate``, ...).
     """
     unknown = set(overrides) - _CFG_FIELDS
@@ -78,6 +82,8 @@ def create_model(
     else:
         w = read_weights(pretrained, use_ema=use_ema, checkpoint_key=checkpoint_key)
         model = model_from_weights(w, name, num_classes=num_classes, strict=strict, trust_name=True, **arch)
+    if fast:
+        accelerate(model)
     if not features_only:
         return model
     pyramid = XCiTPyramid(model, out_indices)
