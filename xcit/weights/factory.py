@@ -6,7 +6,7 @@ import difflib
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ..fast import accelerate
+from ..fast import accelerate, plain
 from ..model.arch import VARIANTS, XCiTConfig, get_config, gmacs, list_models, official_top1
 from ..model.preprocessing import pyramid_feature_info, timm_conventions
 from ..model.pyramid import XCiTPyramid
@@ -82,8 +82,7 @@ def create_model(
     else:
         w = read_weights(pretrained, use_ema=use_ema, checkpoint_key=checkpoint_key)
         model = model_from_weights(w, name, num_classes=num_classes, strict=strict, trust_name=True, **arch)
-    if fast:
-        accelerate(model)
+    (accelerate if fast else plain)(model)
     if not features_only:
         return model
     pyramid = XCiTPyramid(model, out_indices)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..fast import accelerate
 from ..model.arch import VARIANTS, XCiTConfig, get_config
 from ..model.preprocessing import Preprocessing, timm_conventions
 from ..model.xcit import XCiT
@@ -97,7 +98,7 @@ def model_from_weights(
         log.info("%s: EMA weights%s", w.source, epoch)
     elif w.has_ema:
         log.info("%s: model weights%s (its EMA weights are not used)", w.source, epoch)
-    return model
+    return accelerate(model)  # the fast forwards, as xcit.create_model gives them (validate, predict)
 
 
 def adapt_input_channels(sd: dict[str, torch.Tensor], in_chans: int, source: object) -> dict[str, torch.Tensor]:
@@ -171,7 +172,7 @@ def from_pretrained(
         model.class_names = None
     recorded = config.get("pretrained_cfg")
     timm_conventions(model, Preprocessing.from_pretrained_cfg(recorded) if recorded else None)
-    return model.eval()
+    return accelerate(model).eval()  # the fast forwards, as xcit.create_model gives them
 
 
 def _resolve_folder(name_or_path: str | os.PathLike, revision: str | None, cache_dir: str | None) -> Path:
