@@ -471,6 +471,8 @@ def test_folders_and_other_kinds_of_file_are_named(weights, tmp_path, capsys):
     _, src = weights
     assert main(["convert", str(tmp_path), str(tmp_path / "x.safetensors")]) == 2
     assert f"{tmp_path} is a folder, not a weights file" in _one_error_line(capsys, "convert")
+    assert main(["validate", "--data_dir", str(tmp_path), "--ckpt_path", str(tmp_path)]) == 2
+    assert f"ckpt_path '{tmp_path}' is a folder, not a weights file" in _one_error_line(capsys, "validate")
     assert main(["attention", str(tmp_path), "--pretrained", str(src), "--model", NAME, "--out", "a"]) == 2
     assert f"{tmp_path} is a folder: xcit attention draws one image file" in _one_error_line(capsys, "attention")
     assert main(["convert", str(src), str(tmp_path / "out.onnx")]) == 2  # a .pth under an .onnx name: refused

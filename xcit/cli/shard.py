@@ -27,7 +27,7 @@ def _splits(root: Path, asked: list[str] | None) -> list[str]:
 
     if not root.is_dir():
         raise DataError(f"{root}: no such folder" if not root.exists() else f"{root}: not a folder")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) or ["none"]
     if asked:
         missing = [s for s in asked if not (root / s).is_dir()]
         if missing:

@@ -103,6 +103,8 @@ def model_for_eval(
     from ..weights.loading import model_from_weights
 
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"ckpt_path {str(path)!r} is a folder, not a weights file")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path {str(path)!r} does not exist (refusing to validate untrained weights)")
     w = read_weights(path, use_ema=None if use_ema else False)
