@@ -219,8 +219,23 @@ def make_executor(args: argparse.Namespace, job_dir: Path, lead: int, extra: dic
     return ex
 
 
+def _join_sbatch(argv: list[str]) -> list[str]:
+    """``--sbatch --exclusive`` -> ``--sbatch=--exclusive``: argparse would take a value that starts with ``--`` for
+    a flag of its own."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--sbatch" and i + 1 < len(argv):
+            out.append(f"--sbatch={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, train_argv = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = _join_sbatch(list(sys.argv[1:] if argv is None else argv))
+    args, train_argv = build_parser().parse_known_args(argv)
     try:
         import submitit  # noqa: F401  (the slurm extra)
     except ImportError:
