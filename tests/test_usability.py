@@ -566,3 +566,21 @@ def test_banner_says_the_resolution_where_the_schedule_ends_and_prints_values_as
     with caplog.at_level(logging.INFO, logger="xcit"):
         eval_preprocessing(TrainConfig(), TrainConfig().to_dict(), set())
     assert "57.12, 57.375]" in caplog.text and "57.120000000000005" not in caplog.text
+
+
+def test_fine_tuning_starts_from_the_ema_weights_and_says_so(weights, tmp_path, caplog):
+    from .test_data import make_folder
+
+    model, _ = weights
+    path, ema = _ema_checkpoint(tmp_path, model)
+    data = make_folder(tmp_path / "data", per_class=2, size=16)
+    arch = ["--model", NAME, "--model_overrides", "{embed_dim: 32, depth: 2, num_heads: 2}", "--image_resize", "32"]
+    out = ["--ckpt_save_dir", str(tmp_path / "out"), "--val_while_train", "False"]
+    argv = ["train", "--data_dir", str(data), *TRAIN, *arch, *out, "--pretrained", str(path), "--lr", "1e-12",
+            "--warmup_epochs", "0"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="xcit"):
+        assert main(argv) == 0
+    assert f"{path}: EMA weights from epoch 3" in caplog.text
+    tuned = torch.load(tmp_path / "out" / "ckpt_e0001.pth", weights_only=True)["model"]["blocks.0.attn.qkv.weight"]
+    key = "blocks.0.attn.qkv.weight"  # lr 1e-12: still the starting weights
+    assert (tuned - ema.state_dict()[key]).abs().max() < 1e-6 < (tuned - model.state_dict()[key]).abs().max()

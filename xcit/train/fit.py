@@ -311,6 +311,7 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
     model = create_model(
         cfg.model,
         pretrained=pretrained,
+        use_ema=None,  # a training checkpoint's EMA weights when it has them, every command's rule (logged)
         num_classes=num_classes,
         in_chans=cfg.in_channels,
         drop_path_rate=cfg.drop_path_rate or 0.0,
@@ -319,7 +320,8 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.
         **cfg.model_overrides,
     )
     if cfg.ckpt_path and not cfg.resume_opt:
-        load_weights(model, cfg.ckpt_path, strict=True)
+        w = load_weights(model, cfg.ckpt_path, strict=True, use_ema=None)
+        log.info("%s: %s weights", cfg.ckpt_path, "EMA" if w.used_ema else "model")
         log.info("initialised %s from %s", cfg.model, cfg.ckpt_path)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)

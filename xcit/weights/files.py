@@ -390,12 +390,12 @@ def load_weights(
     path: str | os.PathLike,
     strict: bool = True,
     drop_head: bool = False,
-    use_ema: bool = False,
+    use_ema: bool | None = False,
 ) -> Weights:
     """Load any supported weight file into ``model`` (an :class:`xcit.XCiT`).
 
     MindCV files switch the model to the ``mindcv`` numerics flavour (logged); other files to their recorded
-    flavour. ``use_ema`` takes the EMA copy when the file has one.
+    flavour. ``use_ema``: True or None take the EMA copy when the file has one, False the model weights.
     """
     w = read_weights(path, use_ema=use_ema)
     if hasattr(model, "set_flavour") and model.flavour != w.flavour:
