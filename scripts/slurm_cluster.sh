@@ -16,6 +16,7 @@
 #   KillWait=5 [30]: seconds between SIGTERM and SIGKILL when a job is requeued, cancelled or preempted.
 # Accounting (slurmdbd + MariaDB) makes sacct work: without it submitit cannot see that a job has died.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # the daemons live in sbin, which a non-login shell may lack
 
 DIR=${XCIT_SLURM_DIR:-/tmp/xcit-slurm}
 HOST=$(hostname -s)
@@ -34,7 +35,7 @@ running() {  # running NAME: the daemon's pid file names a live process
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null
 }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: retry COMMAND (10 s at most each) for SECONDS
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: retry COMMAND (a program: 10 s at most each) for SECONDS
   local secs=$1 what=$2
   shift 2
   local deadline=$((SECONDS + secs))
@@ -129,8 +130,6 @@ start_munge() {
   wait_for 10 munged munge --socket="$MUNGE_SOCKET" -n
 }
 
-db() { mariadb --protocol=tcp -h 127.0.0.1 -P "$DB_PORT" -u root "$@"; }
-
 start_mariadb() {
   running mariadbd && return
   if [ ! -d "$DIR/mysql/mysql" ]; then
@@ -141,7 +140,7 @@ start_mariadb() {
   setsid mariadbd --user=root --datadir="$DIR/mysql" --bind-address=127.0.0.1 --port="$DB_PORT" \
     --socket="$DIR/run/mysqld.sock" --pid-file="$DIR/run/mariadbd.pid" --log-error="$DIR/log/mariadbd.log" \
     --innodb-buffer-pool-size=32M --skip-name-resolve </dev/null >/dev/null 2>&1 &
-  wait_for 60 mariadbd db -e "select 1"
+  wait_for 120 mariadbd mariadb --protocol=tcp -h 127.0.0.1 -P "$DB_PORT" -u root -e "select 1"
 }
 
 start_slurmdbd() {
