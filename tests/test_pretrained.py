@@ -95,6 +95,7 @@ def cache_env(released, tmp_path, monkeypatch):
 
     def use(hub: Path = released.hub, offline: bool = True) -> None:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))  # MindCV's cache is ~/.mindspore/models
         for k, v in _env(hub, tmp_path / "torch", offline).items():
             monkeypatch.setenv(k, v)
         # huggingface_hub reads these variables once, when it is imported (constants.py): set what it read
@@ -341,6 +342,7 @@ def test_mindcv_release_loads_with_mindcv_numerics(cache_env, tmp_path):
     m = xcit.create_model("xcit_tiny_12_p16_224", pretrained="xcit_tiny_12_p16_224.mindcv_in1k",
                           pretrained_cfg_overlay=dict(url=ckpt.as_uri()))  # fmt: skip
     assert m.cfg.flavour == "mindcv" and m.pretrained_cfg["crop_pct"] == 0.875
+    assert (tmp_path / "home" / ".mindspore" / "models" / ckpt.name).is_file()  # where MindCV keeps it
     assert torch.equal(m.state_dict()["blocks.3.mlp.fc1.weight"], src.state_dict()["blocks.3.mlp.fc1.weight"])
 
 

@@ -161,9 +161,14 @@ def _offline() -> bool:
     return bool(constants.is_offline_mode())
 
 
-def url_cache_path(url: str) -> Path:
-    """Where torch.hub's ``load_state_dict_from_url`` keeps ``url``: ``<torch.hub.get_dir()>/checkpoints/<file>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+def url_cache_path(release: Release) -> Path:
+    """Where the release URL's file is kept: where torch.hub's ``load_state_dict_from_url`` keeps it
+    (``<torch.hub.get_dir()>/checkpoints/<file>``), or for MindCV's checkpoint where MindCV's ``load_pretrained``
+    does (``~/.mindspore/models/<file>``, mindcv/models/helpers.py), so that either library's download is found."""
+    name = Path(urlparse(release.url).path).name
+    if release.tag.startswith("mindcv"):
+        return Path.home() / ".mindspore" / "models" / name
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
 def hub_cache_folder(hf_hub_id: str) -> Path:
@@ -188,7 +193,7 @@ def cached_file(release: Release) -> Path | None:
             found = try_to_load_from_cache(release.hf_hub_id, HUB_FILE)
             if isinstance(found, str):
                 return Path(found)
-    path = url_cache_path(release.url)
+    path = url_cache_path(release)
     return path if path.is_file() else None
 
 
@@ -205,7 +210,7 @@ def fetch(release: Release, progress: bool = True) -> Path:
     if path is not None:
         return path
     where = [str(hub_cache_folder(release.hf_hub_id))] if release.hf_hub_id else []
-    where.append(str(url_cache_path(release.url)))
+    where.append(str(url_cache_path(release)))
     raise PretrainedError(
         f"{release.name} is not cached here (looked in {' and '.join(where)}) and cannot be downloaded: "
         f"{'; '.join(why)}. {_how_to_fetch(release)}"
@@ -248,7 +253,7 @@ def _resolves(host: str) -> bool:
 
 
 def _from_url(release: Release, why: list[str], progress: bool) -> Path | None:
-    dst = url_cache_path(release.url)
+    dst = url_cache_path(release)
     if dst.is_file():
         return dst
     if urlparse(release.url).scheme in ("http", "https"):
@@ -291,7 +296,7 @@ def _how_to_fetch(release: Release) -> str:
         folder = hub_cache_folder(release.hf_hub_id)
         return (f"On a machine with network, `hf download {release.hf_hub_id} {HUB_FILE}` fetches it: copy that "
                 f"machine's {folder.name} folder into {folder.parent} here")  # fmt: skip
-    return (f"On a machine with network, `curl -L --create-dirs -o {url_cache_path(release.url)} {release.url}` "
+    return (f"On a machine with network, `curl -L --create-dirs -o {url_cache_path(release)} {release.url}` "
             "fetches it: copy the file to the same path here")  # fmt: skip
 
 
