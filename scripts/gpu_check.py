@@ -5,6 +5,9 @@ whole run ends inside 8 minutes; 105 s with ``--cpu``):
 
 1. ``tests``: the ``gpu``-marked tests (on CPU they are collected and skipped);
 2. ``loader``: ``xcit train``'s training loader with one worker per CPU core, and one worker's pipeline speed;
+   ``feed``: the batch work on the device (normalise, erase, mixup/cutmix), a batched ``decode_jpeg`` (nvJPEG on a
+   GPU) and DALI's training graph (skipped, with the reason, where DALI is not installed): images/s per device and
+   the CPU cores each used;
 3. ``sweep``: the resolution sweep beside DeiT-Tiny (224 to 2048 px on a GPU), and whether any op's output has a
    (tokens x tokens) shape (XCA must never build one);
 4. ``demo``: the digits demo with AMP and ``torch.compile`` (loss per epoch, top-1);
@@ -35,21 +38,21 @@ from pathlib import Path
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 PLANS = {
     "gpu": {
-        "device": "cuda", "budget_s": 450, "caps_s": {"tests": 90, "loader": 40, "sweep": 60, "demo": 60,
+        "device": "cuda", "budget_s": 450, "caps_s": {"tests": 90, "loader": 40, "feed": 30, "sweep": 60, "demo": 60,
         "torchrun": 60}, "models": ["xcit_tiny_12_p16_224", "xcit_small_12_p16_224"], "sizes": [224, 384],
         "batch": 128, "overrides": {}, "compile": True, "warmup": 3, "rounds": 5, "iters": 5,
         "sweep_sizes": [224, 448, 640, 896, 1024, 1536, 2048], "sweep_batch": 32, "deit_max": 2048,
         "square_check_size": 2048, "sweep_precision": "bf16", "jpegs": 512, "jpeg_size": (500, 375),
-        "loader_batch": 128, "loader_images": 4096,
+        "loader_batch": 128, "loader_images": 4096, "feed_batch": 128, "feed_size": 224,
         "demo_args": ["--epoch_size", "8", "--warmup_epochs", "1", "--decay_epochs", "7"],
     },
     "cpu": {
-        "device": "cpu", "budget_s": 105, "caps_s": {"tests": 30, "loader": 15, "sweep": 15, "demo": 25,
+        "device": "cpu", "budget_s": 105, "caps_s": {"tests": 30, "loader": 15, "feed": 20, "sweep": 15, "demo": 25,
         "torchrun": 30}, "models": ["xcit_tiny_12_p16_224", "xcit_small_12_p16_224"], "sizes": [32, 48],
         "batch": 2, "overrides": TINY, "compile": "eager", "warmup": 1, "rounds": 1, "iters": 1,
         "sweep_sizes": [32, 64, 128], "sweep_batch": 2, "deit_max": 128, "sweep_precision": "fp32",
         "square_check_size": 96,
-        "jpegs": 8, "jpeg_size": (80, 60), "loader_batch": 4, "loader_images": 16,
+        "jpegs": 8, "jpeg_size": (80, 60), "loader_batch": 4, "loader_images": 16, "feed_batch": 8, "feed_size": 32,
         "demo_args": ["--epoch_size", "2", "--warmup_epochs", "1", "--decay_epochs", "1", "--num_samples", "256",
                       "--model_overrides", "{embed_dim: 32, depth: 1, num_heads: 2, img_size: 32}"],
     },
@@ -61,6 +64,8 @@ FIELDS = [
     "steps.tests.status", "steps.tests.passed", "steps.tests.failed", "steps.tests.skipped", "steps.tests.seconds",
     "steps.loader.status", "steps.loader.workers", "steps.loader.img_per_s", "steps.loader.img_per_s_per_worker",
     "steps.loader.pipeline_img_per_s_one_worker",
+    "steps.feed.status", "steps.feed.batch_stage.img_per_s", "steps.feed.batch_stage.cpu_cores_used",
+    "steps.feed.decode.img_per_s", "steps.feed.decode.cpu_cores_used", "steps.feed.dali.status",
     "steps.sweep.status", "steps.sweep.points.*.img_size", "steps.sweep.points.*.ms_per_image",
     "steps.sweep.points.*.peak_memory_mib_per_image", "steps.sweep.deit_points.*.ms_per_image",
     "steps.sweep.time_ratio_16x_tokens", "steps.sweep.deit_time_ratio_16x_tokens",
@@ -106,7 +111,8 @@ def worker(step: str, plan: dict, out: Path, deadline: float) -> None:
     """The steps that run in Python: write ``out/<step>/result.json``."""
     import steps_gpu_check as S  # the helper module beside this script
 
-    result = {"loader": S.loader, "sweep": S.sweep, "bench": S.bench, "nccl": S.nccl}[step](plan, out, deadline)
+    steps = {"loader": S.loader, "feed": S.feed, "sweep": S.sweep, "bench": S.bench, "nccl": S.nccl}
+    result = steps[step](plan, out, deadline)
     (out / step).mkdir(parents=True, exist_ok=True)
     (out / step / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
 
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = float(os.environ.get("XCIT_GPU_CHECK_BUDGET", plan["budget_s"]))
     t0 = time.monotonic()
     summary: dict = {"mode": mode, "device": plan["device"], "budget_s": budget, **S.describe(), "steps": {}}
-    order = ("tests", "loader", "sweep", "demo", "torchrun", "bench")
+    order = ("tests", "loader", "feed", "sweep", "demo", "torchrun", "bench")
     for step in order:
         left = budget - (time.monotonic() - t0)
         timeout = left if step == "bench" else min(plan["caps_s"][step] * budget / plan["budget_s"], left)

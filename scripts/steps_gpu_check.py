@@ -33,6 +33,12 @@ def headline(step: str, res: dict) -> str:
         return f"{res.get('passed')} passed, {res.get('failed')} failed, {res.get('skipped')} skipped"
     if step == "loader":
         return f"{res.get('img_per_s', 0):.0f} img/s with {res.get('workers')} workers"
+    if step == "feed":
+        bs, dec = res.get("batch_stage", {}), res.get("decode", {})
+        dali = res.get("dali", {})
+        return (f"batch work {bs.get('img_per_s', 0):.0f} img/s ({bs.get('cpu_cores_used', 0):.2f} cores), decode"
+                f" {dec.get('img_per_s', 0):.0f} img/s ({dec.get('cpu_cores_used', 0):.2f} cores); dali "
+                + (f"{dali['img_per_s']:.0f} img/s" if "img_per_s" in dali else dali.get("status", "")))  # fmt: skip
     if step == "sweep":
         return f"16x tokens -> {res.get('time_ratio_16x_tokens')} x time (DeiT {res.get('deit_time_ratio_16x_tokens')})"
     if step in ("demo", "torchrun"):
@@ -53,10 +59,79 @@ def loader(plan: dict, out: Path, deadline: float) -> dict:
 
     folder = D.write_jpegs(out / "jpegs", n=plan["jpegs"], size=plan["jpeg_size"])
     res = D.loader_throughput(folder, os.cpu_count() or 1, plan["loader_batch"], plan["loader_images"])
-    one = D.bench_data(folder, rounds=2)
+    one = D.bench_data(folder, rounds=2, dali=False)  # DALI is timed in the feed step
     res["pipeline_img_per_s_one_worker"] = one["ours"]["img_per_s"]
     res["timm_pipeline_img_per_s_one_worker"] = one["timm"]["img_per_s"]
     return res
+
+
+def _rate(fn, n_images: int, device: str, min_s: float = 1.0) -> dict:
+    """Images/s of ``fn()`` (``n_images`` per call) over at least ``min_s`` s after one warm-up call, and the CPU
+    cores it kept busy meanwhile (process CPU time over wall time, every thread counted)."""
+    fn()
+    calls, t, c = 0, time.perf_counter(), time.process_time()
+    while calls < 3 or time.perf_counter() - t < min_s:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        calls += 1
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {"img_per_s": calls * n_images / wall, "cpu_cores_used": cpu / wall, "calls": calls}
+
+
+def feed(plan: dict, out: Path, deadline: float) -> dict:
+    """What feeds a GPU: the batch work on the device (uint8 -> normalised, random erasing, mixup/cutmix with
+    smoothed targets), a batched JPEG decode with torchvision (nvJPEG on a GPU), and DALI's training graph when
+    DALI is installed; images/s on one device and the CPU cores each used."""
+    import numpy as np
+    from torchvision.io import decode_jpeg
+
+    from xcit.bench import data as D
+    from xcit.config.train_config import load_config
+    from xcit.data.pipeline import batch_stage, mixup_fn
+
+    dev, b, size = plan["device"], plan["feed_batch"], plan["feed_size"]
+    cfg = load_config(["--re_prob", "0.25", "--re_value", "pixel", "--mixup", "0.8", "--cutmix", "1.0",
+                       "--label_smoothing", "0.1", "--batch_size", str(b)])[0]  # fmt: skip
+    stage, mix = batch_stage(cfg, dev), mixup_fn(cfg, 1000)
+    x = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8)
+    x = x.pin_memory() if dev == "cuda" else x  # as the DataLoader hands it over
+    y = torch.randint(0, 1000, (b,))
+    step = {"i": 0}
+
+    def batch_work() -> None:
+        step["i"] += 1
+        xs = stage(x.to(dev, non_blocking=True), seed=step["i"])
+        mix(xs, y.to(dev, non_blocking=True))
+
+    res: dict = {"device": dev, "batch": b, "img_size": size}
+    res["batch_stage"] = _rate(batch_work, b, dev)
+    folder = D.write_jpegs(out / "jpegs", n=plan["jpegs"], size=plan["jpeg_size"])
+    files = sorted(folder.glob("*/*.jpg"))[:b]
+    data = [torch.from_numpy(np.fromfile(f, dtype=np.uint8)) for f in files]
+    res["decode"] = _rate(lambda: decode_jpeg(data, device=dev), len(data), dev)
+    res["decode"]["jpeg_size"] = list(plan["jpeg_size"])
+    res["dali"] = _dali_feed(plan, files, dev, deadline)
+    return res
+
+
+def _dali_feed(plan: dict, files: list[Path], dev: str, deadline: float) -> dict:
+    """DALI's training graph (nvJPEG ``mixed`` decode + GPU augmentations on a GPU), or why it was skipped."""
+    from xcit.data import dali
+
+    if not dali.available():
+        return {"status": "skipped: NVIDIA DALI is not installed here (pip install -e '.[dali]' on a machine with "
+                          "network; the lent GPU machine has none)"}  # fmt: skip
+    if time.time() > deadline - 12:  # building the graph takes seconds
+        return {"status": "skipped (time budget)"}
+    from xcit.bench.data import RECIPE
+    from xcit.config.train_config import TrainConfig
+
+    cfg = TrainConfig(**{**RECIPE, "batch_size": len(files), "image_resize": plan["feed_size"]})
+    device = torch.device(dev)
+    pipe = dali.train_pipeline(cfg, device, threads=os.cpu_count() or 1)
+    rate = _rate(lambda: list(dali.file_batches(pipe, files, len(files), device)), len(files), dev)
+    return {"status": "ok", **rate}
 
 
 def _tokens_square(model: torch.nn.Module, size: int, device: str) -> bool:

@@ -329,3 +329,19 @@ def test_one_pass_crop_is_timms_crop_within_the_documented_bound(tmp_path):
     d = torch.stack(diffs)
     assert d.max() <= 23 and d.float().mean() < 0.05, (d.max(), d.float().mean())
     assert (d == 0).float().mean() > 0.95
+
+
+def test_data_benchmark_runs_on_a_flat_folder_of_jpegs(tmp_path):
+    """A plain folder of JPEGs (no class folders), as a new user tries it: every pipeline and every format is timed
+    (the per-format comparison used to end in datasets' IndexError on such a folder)."""
+    from xcit.bench.data import bench_data, write_jpegs
+    from xcit.bench.formats import bench_formats
+
+    write_jpegs(tmp_path / "gen", n=4, size=(100, 75))
+    flat = tmp_path / "flat"
+    (tmp_path / "gen" / "images").rename(flat)
+    res = bench_data(flat, rounds=2, batch=2, dali=False)
+    assert res["images"] == 4 and res["ours"]["img_per_s"] > 0 and res["timm"]["img_per_s"] > 0
+    assert res["ratio"] > 0 and len(res["round_ratios"]) == 2 and "dali" not in res
+    fmt = bench_formats(flat, tmp_path / "work", rounds=1)
+    assert fmt["images"] == 4 and set(fmt["ratio_to_timm"]) == {"folder", "wds", "hf"}

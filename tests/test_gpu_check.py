@@ -61,6 +61,9 @@ def test_cpu_rehearsal_writes_every_field(tmp_path):
     steps = res["steps"]
     assert steps["tests"]["skipped"] >= 1 and steps["tests"]["failed"] == 0  # the gpu tests, collected and skipped
     assert steps["loader"]["workers"] == os.cpu_count()  # one loader worker per core
+    feed = steps["feed"]  # the batch work on the device, a batched decode, DALI's graph or why it was skipped
+    assert feed["batch_stage"]["img_per_s"] > 0 and feed["decode"]["img_per_s"] > 0
+    assert feed["dali"]["status"] == "ok" or feed["dali"]["status"].startswith("skipped")
     assert steps["sweep"]["tokens_square_tensor"] is False and (out / "sweep" / "resolution_sweep.png").exists()
     assert steps["demo"]["loss_falls"] and steps["torchrun"]["loss_falls"] and 0 <= steps["demo"]["top1"] <= 100
     assert steps["torchrun"]["nccl_probe"] == {"backend": "gloo", "world_size": 1, "ok": True}

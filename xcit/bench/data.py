@@ -27,10 +27,10 @@ RECIPE = {  # the official training recipe's augmentation (paper / main.py), Min
 
 
 def default_jpeg_dir() -> Path:
-    """Where generated benchmark JPEGs live: ``$XCIT_CACHE/bench_jpegs`` (default ``~/.cache/xcit``)."""
+    """Where generated benchmark JPEGs live: ``$XCIT_CACHE/bench_photos_500x375`` (default ``~/.cache/xcit``)."""
     from ..data.demo import cache_dir
 
-    return cache_dir() / "bench_jpegs"
+    return cache_dir() / "bench_photos_500x375"
 
 
 def _photos() -> list:
@@ -128,7 +128,7 @@ def _batches(files: list[Path], batch: int) -> list[list[Path]]:
     return [files[i : i + batch] for i in range(0, len(files), batch)]
 
 
-def _runners(recipe: dict, device: torch.device, batch: int) -> dict[str, Callable[[list[Path]], int]]:
+def _runners(recipe: dict, device: torch.device, batch: int, dali: bool) -> dict[str, Callable[[list[Path]], int]]:
     """Each pipeline whole, from the files to the normalised batch on ``device``; each returns the failed draws."""
     load, transform, stage = our_pipeline(recipe, device)
     tload, ttransform = timm_pipeline(recipe)
@@ -148,9 +148,9 @@ def _runners(recipe: dict, device: torch.device, batch: int) -> dict[str, Callab
         return failed
 
     runners = {"ours": ours, "timm": timm}
-    dali = _dali_runner(recipe, device, batch)
-    if dali is not None:
-        runners["dali"] = dali
+    run_dali = _dali_runner(recipe, device, batch) if dali else None
+    if run_dali is not None:
+        runners["dali"] = run_dali
     return runners
 
 
@@ -182,10 +182,11 @@ def bench_data(
     max_busy: float | None = None,
     batch: int = 32,
     device: torch.device | str = "cpu",
+    dali: bool = True,
 ) -> dict:
     """Images per CPU-second of each data pipeline, whole: read + decode + training transform in one thread (a
     loader worker), the batch stacked, on ``device``, normalised and erased there (ours) or per image (timm's
-    ``create_transform``), for this project's default pipeline, timm's and DALI's when installed.
+    ``create_transform``), for this project's default pipeline, timm's and DALI's when installed (and ``dali``).
 
     CPU time is the process's (``time.process_time``: every thread, system time included), so other load on a
     shared machine does not count; the pipelines take turns over the same files, round after round (order flipped
@@ -203,7 +204,7 @@ def bench_data(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker; the batch stage's ops run in the same thread
     try:
-        runners = _runners(recipe, device, batch)
+        runners = _runners(recipe, device, batch, dali)
         cpu: dict[str, list[float]] = {k: [] for k in runners}
         wall: dict[str, list[float]] = {k: [] for k in runners}
         errors = dict.fromkeys(runners, 0)

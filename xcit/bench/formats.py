@@ -80,17 +80,22 @@ def bench_formats(
     timm_ds, timm_t = TimmDataset(str(folder)), timm_pipeline(recipe)[1]
     n = len(sources["folder"])
     times: dict[str, list[float]] = {k: [] for k in (*pipes, "timm")}
-    for r in range(rounds):
-        settle(max_busy)
-        for name in list(times) if r % 2 == 0 else list(times)[::-1]:
-            random.seed(r), np.random.seed(r), torch.manual_seed(r)
-            t = time.process_time()
-            for i in range(n):
-                if name == "timm":
-                    _transform_retrying(timm_t, timm_ds[i][0])
-                else:
-                    pipes[name][i]
-            times[name].append((time.process_time() - t) / n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as in a DataLoader worker (idle OpenMP threads spin on CPU time)
+    try:
+        for r in range(rounds):
+            settle(max_busy)
+            for name in list(times) if r % 2 == 0 else list(times)[::-1]:
+                random.seed(r), np.random.seed(r), torch.manual_seed(r)
+                t = time.process_time()
+                for i in range(n):
+                    if name == "timm":
+                        _transform_retrying(timm_t, timm_ds[i][0])
+                    else:
+                        pipes[name][i]
+                times[name].append((time.process_time() - t) / n)
+    finally:
+        torch.set_num_threads(threads)
     out: dict = {"images": n, "recipe": recipe}
     for k, ts in times.items():
         out[k] = {"img_per_s": 1 / statistics.median(ts), "round_img_per_s": [1 / t for t in ts]}
