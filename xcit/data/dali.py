@@ -14,7 +14,8 @@ On a GPU the JPEGs are decoded by nvJPEG (``device="mixed"``) and every augmenta
 * **Where it differs from timm** (docs/how-to/feeding-gpus.md): the crop's area and aspect are drawn by DALI
   (``random_area``, ``random_aspect_ratio``: the same ranges, its own sampler and fallback); DALI's RandAugment
   has its own operation set (no posterize/solarize-add/invert variants as timm's ``inc1`` list, no magnitude
-  noise: ``mstd`` is ignored) with ``m`` on timm's 0-10 scale; the cubic filter is DALI's (antialiased, not
+  noise: ``mstd`` is ignored) with ``m`` on timm's 0-10 scale, filling with one grey level (timm: the mean per
+  channel); the cubic filter is DALI's (antialiased, not
   Pillow's). The augmentation draws come from DALI's generator, seeded per rank and epoch, so a mid-epoch resume
   continues the order exactly but not the random crops.
 """
