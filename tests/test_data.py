@@ -345,3 +345,25 @@ def test_data_benchmark_runs_on_a_flat_folder_of_jpegs(tmp_path):
     assert res["ratio"] > 0 and len(res["round_ratios"]) == 2 and "dali" not in res
     fmt = bench_formats(flat, tmp_path / "work", rounds=1)
     assert fmt["images"] == 4 and set(fmt["ratio_to_timm"]) == {"folder", "wds", "hf"}
+
+
+def test_device_batches_resume_exactly_and_leave_the_global_generators_alone(tmp_path):
+    """uint8 from the workers, normalised and erased on the batch: a resumed epoch gives the same batches (erasing
+    included) as the uninterrupted one, and the erasing does not move the loop's own random streams."""
+    root = write_digits(tmp_path / "digits", classes=3, per_class=12)
+    cfg = cfg_for(root, "--batch_size", "4", "--re_prob", "0.5", "--re_value", "pixel", "--seed", "5")
+    train, _ = build_datasets(cfg)
+    loader = train_loader(train, cfg, world=1, rank=0)
+    loader.sampler.set_epoch(2)
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    full = [(x.clone(), y) for x, y in loader]
+    assert torch.equal(torch.random.get_rng_state(), before)  # the batch seeds, not the global stream
+    assert all(x.dtype == torch.float32 for x, _ in full) and len(full) == 7
+    resumed = train_loader(train, cfg, world=1, rank=0)
+    resumed.sampler.load_state_dict(loader.sampler.state_dict(batches_done=3))
+    resumed.sampler.set_epoch(2)
+    rest = list(resumed)
+    assert len(rest) == 4
+    for (a, ya), (b, yb) in zip(full[3:], rest):
+        assert torch.equal(a, b) and torch.equal(ya, yb)

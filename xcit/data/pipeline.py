@@ -8,9 +8,12 @@
   training it is replaced by the next good image, in validation it is left out; both are counted and named once
   per epoch.
 * **Transforms.** timm's ``create_transform``, which defines the official recipe (random resized crop, flips,
-  color jitter, RandAugment; eval resize to ``image_resize / crop_pct`` then centre crop), plus timm's
-  ``RandomErasing`` with MindCV's area/aspect keys and timm's ``Mixup`` (mixup, cutmix, switch probability,
-  label smoothing).
+  color jitter, RandAugment; eval resize to ``image_resize / crop_pct`` then centre crop), in its prefetcher form:
+  workers return uint8 pixels, and the batch is normalised and erased (timm's ``RandomErasing`` with MindCV's
+  area/aspect keys) once on the training device (:mod:`xcit.data.device`), where timm's ``Mixup`` (mixup, cutmix,
+  switch probability, label smoothing) follows in the training loop. ``data_backend``: ``fast`` (default) decodes
+  JPEGs with torchvision and crops in one pass (:mod:`xcit.data.fastcrop`), ``pil`` keeps Pillow's path, ``dali``
+  runs the recipe as a DALI graph (:mod:`xcit.data.dali`).
 * **Order.** :class:`xcit.data.sampler.ResumableSampler` shards the (repeated-augmentation) epoch across ranks and
   seeds each sample's augmentation from its position, so the same images get the same crops on any number of
   ranks and after a resume. Validation shards rank ``r`` to images ``r, r + W, ...`` without padding: no image is
