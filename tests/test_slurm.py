@@ -129,6 +129,16 @@ def assert_bit_identical(reference: Path, final: Path) -> None:
     assert diffs == {"model": 0.0, "ema": 0.0, "optimizer": 0.0, "step": 0.0}, diffs
 
 
+def final_state(c: Cluster, job: str, timeout: float = 120) -> str:
+    """sacct's state of the job once it is final (accounting may lag the job's end by a few seconds)."""
+    t0 = time.monotonic()
+    while True:
+        state = (slurm(c, "sacct", "-X", "-n", "-P", "-o", "State", "-j", job).split() or ["?"])[-1]
+        if state.split()[0] in FINAL_STATES or time.monotonic() - t0 > timeout:
+            return state
+        time.sleep(1)
+
+
 def requeues(c: Cluster, job: str) -> int:
     return int(slurm(c, "scontrol", "show", "job", job).split("Restarts=")[1].split()[0])
 
@@ -387,4 +397,4 @@ def test_a_requeued_job_whose_checkpoint_is_gone_says_why_and_is_not_requeued_ag
     assert (f"requeued SLURM job {job} cannot resume: the checkpoint {out / record['checkpoint']} (step "
             f"{record['step']}) that it wrote before requeue 1 is missing or corrupt") in log  # fmt: skip
     assert requeues(cluster, job) == 1
-    assert slurm(cluster, "sacct", "-X", "-n", "-P", "-o", "State", "-j", job).split()[-1] == "FAILED"
+    assert final_state(cluster, job) == "FAILED"
