@@ -462,13 +462,13 @@ def notices(cfg: TrainConfig, explicit: set[str]) -> list[str]:
         out.append("loss_scale_type: fixed -> fp16 uses torch's dynamic GradScaler starting at loss_scale")
     if cfg.re_max_attempts != 10:
         out.append(f"re_max_attempts: {cfg.re_max_attempts} -> timm's random erasing makes 10 attempts")
-
-    notices_ = schedule_notices(cfg.warmup_epochs, cfg.lr_epoch_stair, cfg.warmup_factor, cfg.warmup_lr)
-    return out + notices_ + optim_notices(cfg, explicit)
     size = cfg.model_overrides.get("img_size") if isinstance(cfg.model_overrides, dict) else None
     if size is not None and size != cfg.image_resize:  # XCiT's Fourier encoding takes any grid: img_size is a label
         out.append(f"model_overrides img_size {size} is the model's nominal size only; images are cropped to "
                    f"image_resize {cfg.image_resize} (set image_resize: {size} to train at {size})")  # fmt: skip
+
+    notices_ = schedule_notices(cfg.warmup_epochs, cfg.lr_epoch_stair, cfg.warmup_factor, cfg.warmup_lr)
+    return out + notices_ + optim_notices(cfg, explicit)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
