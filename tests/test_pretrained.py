@@ -419,3 +419,14 @@ def test_a_corrupt_file_in_torch_hubs_cache_is_refused_naming_it(cache_env, tmp_
     cached.write_bytes(b"PK\x03\x04" + bytes(100))  # the start of a zip, then nothing: a cut-off download
     with pytest.raises(PretrainedError, match=f"{NAME}: the cached file cannot be read.*{cached}"):
         xcit.create_model(VARIANT, pretrained=True)
+
+
+def test_backbone_takes_released_weights_by_name(released, cache_env):
+    from xcit.weights.backbone import XCiTBackbone
+
+    by_name = XCiTBackbone(VARIANT, pretrained=NAME)
+    by_true = XCiTBackbone(VARIANT, pretrained=True)
+    ours = xcit.create_model(VARIANT, pretrained=True)
+    for key, value in by_name.body.model.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[key]), key
+        assert torch.equal(value, by_true.body.model.state_dict()[key]), key

@@ -26,6 +26,7 @@ from ..model.pyramid import XCiTPyramid
 from .factory import create_model
 from .files import load_state_dict_checked, read_weights
 from .loading import adapt_input_channels
+from .pretrained import read_release, release_for
 
 log = logging.getLogger("xcit")
 
@@ -39,6 +40,7 @@ class XCiTBackbone(nn.Module):
             class-attention weights are not used; the fpn layers start fresh), mmdet / mmseg checkpoints of the
             official dense-task code (the ``backbone.`` part, ``fpn1``-``fpn4`` included; neck, heads and meta are
             left out with a notice), or this class's own ``state_dict()``. Every XCA-stage key must be there.
+            ``True`` or ``"variant.tag"`` takes released weights by name, as :func:`xcit.create_model` does.
         out_indices: the four XCA blocks to tap (default: the official backbone's); negative ones count from the
             end, and one past either end is a ValueError.
         drop_path_rate: stochastic depth of the XCA blocks (the official detection recipes use 0.05-0.1).
@@ -59,14 +61,18 @@ class XCiTBackbone(nn.Module):
     def __init__(
         self,
         name: str,
-        pretrained: str | Path | None = None,
+        pretrained: str | Path | bool | None = None,
         out_indices: list[int] | None = None,
         drop_path_rate: float = 0.0,
         checkpoint_key: str | None = None,
         **overrides,
     ) -> None:
         super().__init__()
-        w = None if pretrained is None else read_weights(pretrained, checkpoint_key=checkpoint_key)
+        name, release = release_for(name, pretrained)  # True or "variant.tag": released weights, fetched once
+        if release is not None:
+            w = read_release(release)
+        else:
+            w = None if pretrained is None else read_weights(pretrained, checkpoint_key=checkpoint_key)
         if w is not None and "flavour" not in overrides:
             overrides["flavour"] = w.flavour
         model = create_model(name, num_classes=0, drop_path_rate=drop_path_rate, **overrides)
