@@ -163,3 +163,20 @@ def test_torchrun_wins_and_a_batch_script_or_salloc_shell_is_a_world_of_one():
 )
 def test_the_master_is_the_first_host_of_the_node_list(nodelist, first):
     assert first_host(nodelist) == first
+
+
+def test_demo_data_in_an_srun_step_is_written_by_local_rank_0_only(tmp_path, monkeypatch):
+    from xcit.data.demo import ensure_digits
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("XCIT_CACHE", str(tmp_path))
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**step, "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(TimeoutError, match="local rank 0 did not finish"):  # task 1 waits, it does not write
+        ensure_digits(timeout_s=0.2)
+    assert not (tmp_path / "digits").exists()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    assert (ensure_digits() / ".complete").is_file()

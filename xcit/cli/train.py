@@ -9,6 +9,7 @@ import time
 
 from ..config.train_config import ConfigError, load_config
 from ..runtime.checkpoint import CheckpointError
+from ..runtime.distributed import launch_env
 from ..runtime.preemption import Preempted, StopSignal, exit_on_peer_failure, is_peer_failure
 from ..weights.files import WeightsError
 from ._args import check_device_target
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("demo: decay_epochs %d to fit epoch_size %d", cfg.decay_epochs, cfg.epoch_size)
         if cfg.dataset == "digits" and not cfg.data_dir:
             cfg.data_dir = str(ensure_digits())
-            if os.environ.get("RANK", "0") == "0":  # once per run (the process group does not exist yet)
+            if launch_env().rank == 0:  # once per run (the process group does not exist yet)
                 log.info("demo: scikit-learn digits as an ImageFolder in %s", cfg.data_dir)
         if not cfg.data_dir:
             raise ConfigError("data_dir is not set: pass --data_dir /path/to/dataset (or run without a config)")
@@ -54,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         with StopSignal() as stop:  # SIGTERM/SIGINT: checkpoint after the current step, then stop
             result = fit(cfg, explicit, stop=stop)
     except Preempted as e:
-        log.warning("xcit train: %s. Resume: run the same command with --resume auto (it picks the newest good "
-                    "checkpoint in %s)", e, cfg.ckpt_save_dir)  # fmt: skip
+        if os.environ.get("SLURM_JOB_ID"):  # a requeued SLURM job resumes by itself (SLURM_RESTART_COUNT > 0)
+            log.warning("xcit train: %s. A requeued job resumes by itself from the newest good checkpoint in %s; "
+                        "outside the job, run the same command with --resume auto", e, cfg.ckpt_save_dir)  # fmt: skip
+        else:
+            log.warning("xcit train: %s. Resume: run the same command with --resume auto (it picks the newest good "
+                        "checkpoint in %s)", e, cfg.ckpt_save_dir)  # fmt: skip
         return e.exit_code
     except KeyboardInterrupt:
         log.error("xcit train: interrupted twice: stopped without a checkpoint; --resume auto continues from the last")

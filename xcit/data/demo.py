@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..runtime.distributed import launch_env
+
 # The demo recipe, xcit/data/demo.yaml (configs/demo.yaml links to it): a real variant name with overrides, XCiT-N12/8's
 # block design at a width and depth that trains on 2 CPU cores in minutes.
 DEMO_RECIPE: dict = yaml.safe_load(resources.files("xcit.data").joinpath("demo.yaml").read_text())
@@ -62,10 +64,10 @@ def write_digits(
 
 
 def ensure_digits(timeout_s: float = 300.0) -> Path:
-    """The demo ImageFolder in the cache, written once. Under torchrun only local rank 0 writes it; the other
+    """The demo ImageFolder in the cache, written once. Under torchrun or srun only local rank 0 writes it; the other
     ranks wait for it to appear (they start before the process group exists, so no barrier is available)."""
     root = cache_dir() / "digits"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if launch_env().local_rank == 0:  # torchrun's LOCAL_RANK, or SLURM_LOCALID in an srun step
         return write_digits(root)
     deadline = time.monotonic() + timeout_s
     while not (root / ".complete").is_file():
