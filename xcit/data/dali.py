@@ -194,22 +194,21 @@ class DaliLoader:
         return self._pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from .device import batch_seed
+        from .device import erase_seeds
         from .sampler import ResumableSampler
 
         seeded = isinstance(self.sampler, ResumableSampler)
-        first = self.sampler.start_batch if seeded else 0
         pipe, source = self._pipeline(), self.dataset.source
-        order = [i if isinstance(i, int) else i[0] for i in self.sampler]
-        for b, k in enumerate(range(0, len(order), self.batch_size), start=first):
+        items = [(i, None) if isinstance(i, int) else i for i in self.sampler]
+        order, seeds = [i for i, _ in items], [s for _, s in items]
+        for k in range(0, len(order), self.batch_size):
             chunk = order[k : k + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 return
             x, y = run_batch(pipe, [_read(source, i) for i in chunk], [int(source.targets[i]) for i in chunk],
                              self.device)  # fmt: skip
             if self.erase is not None:
-                s = self.sampler
-                x = self.erase(x.to(self.device), batch_seed(s.seed, s.epoch, s.rank, b) if seeded else None)
+                x = self.erase(x.to(self.device), erase_seeds(seeds[k : k + self.batch_size]) if seeded else None)
             yield x, y
 
 

@@ -4,11 +4,12 @@ batch where the model runs (timm's ``PrefetchLoader``, ``timm/data/loader.py``; 
 Workers return uint8 pixels, a quarter of float32's bytes across the worker -> main process -> device path. On a GPU
 the copy of the next batch overlaps the current step on a side stream, as timm's prefetcher does.
 
-**Exact resume.** Erasing draws from Python's ``random`` and torch's generator (timm's ``RandomErasing``). Here each
-training batch draws from generators seeded by ``(seed, epoch, rank, batch index)``
-(:func:`batch_seed`) and the caller's generators are restored afterwards: batch ``k`` is erased the same way
-whether it was reached in one run or after a resume, whether or not the next batch was prefetched, and the
-training loop's own random stream (drop path, mixup) is not moved by it.
+**Exact resume, any world size.** Erasing draws from Python's ``random`` and torch's generator (timm's
+``RandomErasing``). Here each training image is erased with generators seeded from its own sample seed (the sampler's,
+which depends on its place in the epoch's global order, not on the rank; :func:`erase_seeds`), and the caller's
+generators are restored afterwards: an image is erased the same way in one process or many, in one run or after a
+resume, whether or not the next batch was prefetched, and the training loop's own random stream (drop path, mixup) is
+not moved by it.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import torch
 
 from .sampler import ResumableSampler, sample_seeds
 
-_BATCH_POSITIONS = 1 << 48  # batch seeds use positions above any sample's (a sample's is < dataset x repeats)
+_ERASE_STREAM = 0x5EED_E7A5  # mixed with each sample's seed: erasing draws apart from the worker's augmentation
 
 
-def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
-    """The seed of one training batch's device-side draws (the sampler's splitmix64 mixing)."""
-    return int(sample_seeds(seed, epoch, np.asarray([_BATCH_POSITIONS + (rank << 24) + batch]))[0])
+def erase_seeds(sample_seeds_: list[int] | np.ndarray) -> list[int]:
+    """The erasing seeds of a batch's samples, one per sample, from their sample seeds (splitmix64 mixing, as the
+    sampler's), so erasing does not replay the random draws of the sample's own augmentation."""
+    return [int(s) for s in sample_seeds(_ERASE_STREAM, 0, np.asarray(sample_seeds_, dtype=np.uint64))]
 
 
 class BatchStage:
@@ -42,28 +44,31 @@ class BatchStage:
         self.mean, self.std = (255.0 * mean).to(device), (255.0 * std).to(device)
         self.device, self.erase = device, erase
 
-    def __call__(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
         if x.dtype != torch.uint8:
             raise TypeError(f"the batch stage takes uint8 pixels, got {x.dtype}")
-        return self.erase_batch(x.float().sub_(self.mean).div_(self.std), seed)
+        return self.erase_batch(x.float().sub_(self.mean).div_(self.std), seeds)
 
-    def erase_batch(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
-        """Random erasing of a normalised batch (in place), with its generators seeded by ``seed`` when given."""
+    def erase_batch(self, x: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+        """Random erasing of a normalised batch (in place); image ``j`` with its generators seeded by ``seeds[j]``
+        when given (:func:`erase_seeds`)."""
         if self.erase is None:
             return x
-        if seed is None:
+        if seeds is None:
             return self.erase(x)
         state = random.getstate()
         cuda = x.device.type == "cuda"
         with torch.random.fork_rng(devices=[x.device] if cuda else [], device_type="cuda"):
-            random.seed(seed)
-            if cuda:
-                with torch.cuda.device(x.device):
-                    torch.cuda.manual_seed(seed)
-            else:
-                torch.default_generator.manual_seed(seed)
             try:
-                return self.erase(x)
+                for j, seed in enumerate(seeds[: len(x)]):
+                    random.seed(seed)
+                    if cuda:
+                        with torch.cuda.device(x.device):
+                            torch.cuda.manual_seed(seed)
+                    else:
+                        torch.default_generator.manual_seed(seed)
+                    self.erase(x[j : j + 1])  # timm's RandomErasing erases a batch image by image, in place
+                return x
             finally:
                 random.setstate(state)
 
@@ -74,7 +79,8 @@ class BatchStage:
 class DeviceLoader:
     """A loader of ``(uint8 x, y)`` batches (:class:`xcit.data.readers.CountingLoader`) that yields them on ``device``
     after :class:`BatchStage`. Other attributes (``sampler``, ``batch_size``, ``take_bad``, ...) are the inner
-    loader's. Training batches (a :class:`ResumableSampler` inside) are erased with :func:`batch_seed` seeds."""
+    loader's. Training batches (a :class:`ResumableSampler` inside) are erased with their samples'
+    :func:`erase_seeds`."""
 
     def __init__(self, loader, stage: BatchStage, device: torch.device | str = "cpu") -> None:
         self.loader, self.stage, self.device = loader, stage, torch.device(device)
@@ -93,8 +99,11 @@ class DeviceLoader:
         seeded = isinstance(sampler, ResumableSampler)
         first = sampler.start_batch if seeded else 0  # read before iterating: iterating consumes it
 
-        def seed_of(batch: int) -> int | None:
-            return batch_seed(sampler.seed, sampler.epoch, sampler.rank, batch) if seeded else None
+        epoch_seeds = np.asarray([s for _, s in sampler.epoch_order()], dtype=np.uint64) if seeded else None
+        size = getattr(sampler, "batch_size", None) or getattr(self.loader, "batch_size", 1)
+
+        def seed_of(batch: int) -> list[int] | None:  # the batch's samples, in the sampler's order
+            return erase_seeds(epoch_seeds[batch * size : (batch + 1) * size]) if seeded else None
 
         batches = enumerate(self.loader, start=first)
         if self.device.type == "cuda" and torch.cuda.is_available():

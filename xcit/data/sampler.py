@@ -112,6 +112,10 @@ class ResumableSampler(Sampler):
         """This rank's full index list for an epoch (without seeds, without skipping consumed samples)."""
         return [i for i, _ in self._order(self.epoch if epoch is None else epoch)]
 
+    def epoch_order(self, epoch: int | None = None) -> list[tuple[int, int]]:
+        """This rank's ``(index, sample seed)`` list for an epoch (without skipping consumed samples)."""
+        return self._order(self.epoch if epoch is None else epoch)
+
     def _order(self, epoch: int) -> list[tuple[int, int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
