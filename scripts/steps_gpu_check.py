@@ -88,6 +88,7 @@ def feed(plan: dict, out: Path, deadline: float) -> dict:
 
     from xcit.bench import data as D
     from xcit.config.train_config import load_config
+    from xcit.data.device import erase_seeds
     from xcit.data.pipeline import batch_stage, mixup_fn
 
     dev, b, size = plan["device"], plan["feed_batch"], plan["feed_size"]
@@ -101,7 +102,8 @@ def feed(plan: dict, out: Path, deadline: float) -> dict:
 
     def batch_work() -> None:
         step["i"] += 1
-        xs = stage(x.to(dev, non_blocking=True), seed=step["i"])
+        seeds = erase_seeds(np.arange(step["i"] * b, (step["i"] + 1) * b))  # one per image, as in training
+        xs = stage(x.to(dev, non_blocking=True), seeds)
         mix(xs, y.to(dev, non_blocking=True))
 
     res: dict = {"device": dev, "batch": b, "img_size": size}
