@@ -33,7 +33,7 @@ _spec = importlib.util.spec_from_file_location("chaos_resume", ROOT / "scripts" 
 chaos = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(chaos)
 
-EPOCHS = 5
+EPOCHS = 12  # long enough that a time-limit warning, sent at most ~30 s after the limit is cut, finds the job running
 FINAL = f"ckpt_e{EPOCHS:04d}.pth"
 JOB = ["--tasks_per_node", "2", "--timeout", "10"]
 SLURM = [pytest.mark.slurm, pytest.mark.slow]
