@@ -214,7 +214,7 @@ class DaliLoader:
 
 def dali_loaders(train_set, val_set, cfg: TrainConfig, world: int, rank: int, device, prep: Preprocessing | None):
     """The training and validation loaders of ``data_backend: dali`` (``val_set`` may be None)."""
-    from .pipeline import batch_stage
+    from .device import batch_stage
     from .sampler import ResumableSampler
 
     require()

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ..model.preprocessing import channel_stats
 from .sampler import ResumableSampler, sample_seeds
 
 _ERASE_STREAM = 0x5EED_E7A5  # mixed with each sample's seed: erasing draws apart from the worker's augmentation
@@ -130,3 +131,29 @@ class DeviceLoader:
             ready = (x, y)
         if ready is not None:
             yield ready
+
+
+def _erasing_mode(re_value: int | float | str) -> str:
+    """MindCV's ``re_value`` -> timm's erasing mode: 0 -> const (zeros after normalisation), random, pixel."""
+    return {"random": "rand", "pixel": "pixel", "const": "const"}.get(str(re_value), "const")
+
+
+def batch_stage(cfg, device: torch.device | str = "cpu"):
+    """The training batch's device-side work: normalisation with ``cfg``'s mean/std, then timm's
+    ``RandomErasing`` (MindCV's area/aspect keys) on ``device``, as timm's ``PrefetchLoader`` does."""
+    from timm.data.random_erasing import RandomErasing
+
+    mean, std = channel_stats(*cfg.norm_mean_std, cfg.in_channels)
+    erase = None
+    if cfg.re_prob > 0:
+        erase = RandomErasing(
+            cfg.re_prob,
+            min_area=cfg.re_scale[0],
+            max_area=cfg.re_scale[1],
+            min_aspect=cfg.re_ratio[0],
+            max_aspect=cfg.re_ratio[1],
+            mode=_erasing_mode(cfg.re_value),
+            max_count=cfg.re_count,
+            device=torch.device(device),
+        )
+    return BatchStage(mean, std, device, erase)

@@ -34,7 +34,10 @@ from torch.utils.data import DataLoader, Subset
 from ..config.train_config import ConfigError, TrainConfig
 from ..model.preprocessing import PIL_MODES, Preprocessing, channel_stats
 from ..runtime.preemption import worker_ignores_stop_signals
-from .device import DeviceLoader
+from .device import (
+    DeviceLoader,
+    batch_stage,  # noqa: F401 - the loaders' batch stage, importable from here too
+)
 from .formats import detect_format, layout, open_split, relabel
 from .imageio import TENSOR_RGB
 from .readers import CountingLoader, ImageDataset, collate
@@ -165,11 +168,6 @@ def _check_val_classes(where: str, found, classes, label_set: str, skip_unknown:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _erasing_mode(re_value: int | float | str) -> str:
-    """MindCV's ``re_value`` -> timm's erasing mode: 0 -> const (zeros after normalisation), random, pixel."""
-    return {"random": "rand", "pixel": "pixel", "const": "const"}.get(str(re_value), "const")
-
-
 class WorkerTransform:
     """What a loader worker runs on one image: the recipe's augmentations ending in a uint8 ``(C, H, W)`` tensor
     (timm's ``use_prefetcher`` form). ``mean`` and ``std`` (per band, 0-1 scale) are for the batch stage on the
@@ -225,29 +223,6 @@ def train_transform(cfg: TrainConfig) -> WorkerTransform:
     if cfg.data_backend == "fast" and isinstance(ops[0], RandomResizedCropAndInterpolation):
         ops[0] = OnePassRandomResizedCrop.like(ops[0])
     return WorkerTransform(ops, mean, std)
-
-
-def batch_stage(cfg: TrainConfig, device: torch.device | str = "cpu"):
-    """The training batch's device-side work: normalisation with ``cfg``'s mean/std, then timm's
-    ``RandomErasing`` (MindCV's area/aspect keys) on ``device``, as timm's ``PrefetchLoader`` does."""
-    from timm.data.random_erasing import RandomErasing
-
-    from .device import BatchStage
-
-    mean, std = channel_stats(*cfg.norm_mean_std, cfg.in_channels)
-    erase = None
-    if cfg.re_prob > 0:
-        erase = RandomErasing(
-            cfg.re_prob,
-            min_area=cfg.re_scale[0],
-            max_area=cfg.re_scale[1],
-            min_aspect=cfg.re_ratio[0],
-            max_aspect=cfg.re_ratio[1],
-            mode=_erasing_mode(cfg.re_value),
-            max_count=cfg.re_count,
-            device=torch.device(device),
-        )
-    return BatchStage(mean, std, device, erase)
 
 
 def trivial_augment_wide(spec: str, interpolation: str, mean: tuple[float, ...]):
